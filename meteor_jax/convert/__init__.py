@@ -1,0 +1,1 @@
+"""Weights as data: key tables plus small per-key transforms, in both directions, streamed."""

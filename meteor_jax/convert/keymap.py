@@ -1,0 +1,179 @@
+"""The conversion engine shared by every format: a key table plus per-key transforms, both directions.
+
+A `Rule` ties one parameter of ours (a dotted path in the NNX state) to one key of the other format.
+A `{i}` in the other key marks a stacked parameter: layer i of theirs is index i of our leading
+'layers' axis. Tensors are read one at a time and put straight onto their target sharding, so peak
+host memory is one (stacked) parameter, never the whole model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Callable, Iterable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def transpose(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.T)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    ours: str  # dotted path in our state, e.g. "layers.attn.q_proj.kernel"
+    theirs: str  # their key; "{i}" marks a per-layer key stacked on our leading axis
+    to_ours: Transform = identity
+    to_theirs: Transform = identity
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.theirs
+
+
+def flat_variables(state) -> dict[str, nnx.Variable]:
+    """Dotted path → Variable for every variable of an NNX state."""
+    return {".".join(map(str, path)): v for path, v in nnx.to_flat_state(state)}
+
+
+def load_state(
+    abstract_state,
+    rules: Iterable[Rule],
+    read: Callable[[str], np.ndarray],
+    shardings=None,
+    dtype=jnp.float32,
+):
+    """Fill an abstract NNX state (from `nnx.eval_shape`) by the rules; returns a concrete state.
+
+    `read(key)` returns one tensor of theirs. Every parameter must be covered by exactly one rule;
+    shapes are checked against the abstract state with a message naming the key.
+    """
+    flat = flat_variables(abstract_state)
+    flat_shardings = flat_variables(shardings) if shardings is not None else {}
+    values: dict[str, jax.Array] = {}
+    for rule in rules:
+        if rule.ours not in flat:
+            raise KeyError(f"conversion rule targets {rule.ours!r}, which the model does not have")
+        target = flat[rule.ours].get_value()
+        if rule.stacked:
+            layers = [rule.to_ours(np.asarray(read(rule.theirs.format(i=i)))) for i in range(target.shape[0])]
+            array = np.stack(layers)
+        else:
+            array = rule.to_ours(np.asarray(read(rule.theirs)))
+        if tuple(array.shape) != tuple(target.shape):
+            raise ValueError(
+                f"{rule.theirs} → {rule.ours}: converted shape {array.shape} != model shape {target.shape}"
+            )
+        sharding = flat_shardings[rule.ours].get_value() if rule.ours in flat_shardings else None
+        values[rule.ours] = jax.device_put(array.astype(dtype), sharding)
+        del array
+    missing = [k for k, v in flat.items() if isinstance(v, nnx.Param) and k not in values]
+    if missing:
+        raise KeyError(f"no conversion rule for parameters: {missing}")
+    leaves = [(path, v.replace(values[".".join(map(str, path))]) if ".".join(map(str, path)) in values else v)
+              for path, v in nnx.to_flat_state(abstract_state)]
+    return nnx.from_flat_state(leaves)
+
+
+def export_state(state, rules: Iterable[Rule]) -> Iterator[tuple[str, np.ndarray]]:
+    """Their (key, tensor) pairs from our state, one tensor at a time (host copy of one parameter)."""
+    flat = flat_variables(state)
+    for rule in rules:
+        value = np.asarray(jax.device_get(flat[rule.ours].get_value()), dtype=np.float32)
+        if rule.stacked:
+            for i in range(value.shape[0]):
+                yield rule.theirs.format(i=i), rule.to_theirs(value[i])
+        else:
+            yield rule.theirs, rule.to_theirs(value)
+
+
+class SafetensorsReader:
+    """Reads tensors by key from a HF directory: model.safetensors or a sharded *.index.json."""
+
+    def __init__(self, directory: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.directory = os.fspath(directory)
+        index_files = [f for f in os.listdir(self.directory) if f.endswith(".safetensors.index.json")]
+        if index_files:
+            with open(os.path.join(self.directory, index_files[0])) as f:
+                weight_map: Mapping[str, str] = json.load(f)["weight_map"]
+        else:
+            files = sorted(f for f in os.listdir(self.directory) if f.endswith(".safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors file in {self.directory}")
+            weight_map = {}
+            for name in files:
+                with safe_open(os.path.join(self.directory, name), framework="numpy") as f:
+                    weight_map.update({k: name for k in f.keys()})
+        self.weight_map = dict(weight_map)
+        self._open = {name: safe_open(os.path.join(self.directory, name), framework="numpy")
+                      for name in sorted(set(weight_map.values()))}
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weight_map
+
+    def __call__(self, key: str) -> np.ndarray:
+        if key not in self.weight_map:
+            raise KeyError(f"{key!r} not found in the safetensors files of {self.directory}")
+        return self._open[self.weight_map[key]].get_tensor(key).astype(np.float32)
+
+
+def write_safetensors(
+    directory: str | os.PathLike,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    *,
+    max_shard_bytes: int = 4 << 30,
+    dtype=np.float32,
+) -> None:
+    """Write (key, tensor) pairs as HF safetensors shards (plus an index when more than one).
+
+    A shard is written as soon as it is full, so host memory holds at most one shard.
+    """
+    from safetensors.numpy import save_file
+
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    written: list[tuple[str, list[str]]] = []
+    shard: dict[str, np.ndarray] = {}
+    total = 0
+
+    def flush():
+        name = f"part-{len(written):05d}.safetensors"
+        save_file(shard, os.path.join(directory, name), metadata={"format": "pt"})
+        written.append((name, list(shard)))
+        shard.clear()
+
+    for key, value in tensors:
+        value = np.ascontiguousarray(value, dtype=dtype)
+        if shard and sum(v.nbytes for v in shard.values()) + value.nbytes > max_shard_bytes:
+            flush()
+        shard[key] = value
+        total += value.nbytes
+    if shard or not written:
+        flush()
+    if len(written) == 1:
+        os.replace(os.path.join(directory, written[0][0]), os.path.join(directory, "model.safetensors"))
+        return
+    weight_map = {}
+    for n, (tmp, keys) in enumerate(written, 1):
+        name = f"model-{n:05d}-of-{len(written):05d}.safetensors"
+        os.replace(os.path.join(directory, tmp), os.path.join(directory, name))
+        weight_map.update({k: name for k in keys})
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

@@ -1,0 +1,110 @@
+"""Small building blocks shared by every model file.
+
+Every parameter carries its logical axis names in the `logical_axes` metadata field (MaxText style);
+`meteor_jax.sharding` maps them to mesh axes with one rules table. A custom metadata key (rather than
+`nnx.with_partitioning`) keeps module construction independent of any mesh.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+default_kernel_init = nnx.initializers.lecun_normal()
+
+
+def param(value: jax.Array, axes: Axes) -> nnx.Param:
+    """A trainable parameter with logical axis names (one name per dimension)."""
+    if len(axes) != value.ndim:
+        raise ValueError(f"logical axes {axes} do not match parameter shape {value.shape}")
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    rngs: nnx.Rngs,
+    use_bias: bool = False,
+    dtype=jnp.float32,
+    kernel_init: Callable = default_kernel_init,
+) -> nnx.Linear:
+    """`nnx.Linear` whose kernel (in, out) and bias (out,) carry logical axis names."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=kernel_init,
+        rngs=rngs,
+        kernel_metadata={"logical_axes": tuple(axes)},
+        bias_metadata={"logical_axes": (axes[1],)},
+    )
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm as in LLaMA/Mamba: statistics in float32, then cast back (HF `LlamaRMSNorm`)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, axis: str | None = "embed"):
+        self.eps = eps
+        self.weight = param(jnp.ones((dim,), jnp.float32), (axis,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (self.weight[...] * x32).astype(dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias, statistics in float32."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, axis: str | None = "embed"):
+        self.eps = eps
+        self.weight = param(jnp.ones((dim,), jnp.float32), (axis,))
+        self.bias = param(jnp.zeros((dim,), jnp.float32), (axis,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.weight[...] + self.bias[...]).astype(dtype)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """CLIP's activation: x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def count_params(tree) -> int:
+    """Number of scalars in the `nnx.Param` leaves of a module, state or abstract (eval_shape) state."""
+    state = nnx.state(tree, nnx.Param) if isinstance(tree, nnx.Module) else tree
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+
+
+def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`num_layers` copies of a layer with parameters stacked on a leading 'layers' axis.
+
+    The stacked module is run with `nnx.scan` (or sliced in a Python loop); converters read and write
+    layer i as index i of that axis.
+    """
+    keys = jax.random.split(rngs.params(), num_layers)
+
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def create(key):
+        return make_layer(nnx.Rngs(params=key))
+
+    stacked = create(keys)
+    for _, v in nnx.iter_graph(stacked):
+        if isinstance(v, nnx.Variable) and "logical_axes" in v.get_metadata():
+            v.set_metadata("logical_axes", ("layers",) + tuple(v.get_metadata()["logical_axes"]))
+    return stacked
