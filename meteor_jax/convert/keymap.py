@@ -11,10 +11,11 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -99,39 +100,57 @@ def export_state(state, rules: Iterable[Rule]) -> Iterator[tuple[str, np.ndarray
             yield rule.theirs, rule.to_theirs(value)
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
 class SafetensorsReader:
-    """Reads tensors by key from a HF directory: model.safetensors or a sharded *.index.json."""
+    """Reads tensors by key, as float32, from a HF directory: model.safetensors or a sharded *.index.json.
+
+    The safetensors header is parsed here and tensors are memory-mapped, so bfloat16 checkpoints (which
+    `safetensors.numpy` cannot read) load too, and only the tensor asked for is paged in.
+    """
 
     def __init__(self, directory: str | os.PathLike):
-        from safetensors import safe_open
-
         self.directory = os.fspath(directory)
+        if not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
         index_files = [f for f in os.listdir(self.directory) if f.endswith(".safetensors.index.json")]
         if index_files:
             with open(os.path.join(self.directory, index_files[0])) as f:
-                weight_map: Mapping[str, str] = json.load(f)["weight_map"]
+                files = sorted(set(json.load(f)["weight_map"].values()))
         else:
             files = sorted(f for f in os.listdir(self.directory) if f.endswith(".safetensors"))
-            if not files:
-                raise FileNotFoundError(f"no *.safetensors file in {self.directory}")
-            weight_map = {}
-            for name in files:
-                with safe_open(os.path.join(self.directory, name), framework="numpy") as f:
-                    weight_map.update({k: name for k in f.keys()})
-        self.weight_map = dict(weight_map)
-        self._open = {name: safe_open(os.path.join(self.directory, name), framework="numpy")
-                      for name in sorted(set(weight_map.values()))}
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors file in {self.directory}")
+        self._entries: dict[str, tuple[str, int, dict]] = {}
+        for name in files:
+            path = os.path.join(self.directory, name)
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                self._entries[key] = (path, 8 + header_len, info)
 
     def keys(self) -> list[str]:
-        return list(self.weight_map)
+        return list(self._entries)
 
     def __contains__(self, key: str) -> bool:
-        return key in self.weight_map
+        return key in self._entries
 
     def __call__(self, key: str) -> np.ndarray:
-        if key not in self.weight_map:
+        if key not in self._entries:
             raise KeyError(f"{key!r} not found in the safetensors files of {self.directory}")
-        return self._open[self.weight_map[key]].get_tensor(key).astype(np.float32)
+        path, data_start, info = self._entries[key]
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{key}: unsupported safetensors dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        raw = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start + begin, shape=(end - begin,))
+        return raw.view(dtype).reshape(info["shape"]).astype(np.float32)
 
 
 def write_safetensors(

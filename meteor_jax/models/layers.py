@@ -108,3 +108,40 @@ def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, 
         if isinstance(v, nnx.Variable) and "logical_axes" in v.get_metadata():
             v.set_metadata("logical_axes", ("layers",) + tuple(v.get_metadata()["logical_axes"]))
     return stacked
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def run_stacked(stacked: nnx.Module, step: Callable, carry, xs=None, *, scan: bool = True, remat: str = "none"):
+    """Run `step(layer, carry, x_i) -> (carry, y_i)` over the layers of a `stack_layers` module.
+
+    A pure `jax.lax.scan` over the split layer state (not `nnx.scan`): nnx transforms refuse Variables created
+    at an outer trace level, which is exactly what a frozen module closed over inside `jax.grad` looks like.
+    `scan=False` unrolls a Python loop over slices (same result). `xs` (per-layer inputs) and the y_i are
+    stacked on the leading axis; either may be None.
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+    graphdef, state = nnx.split(stacked)
+
+    def body(carry, inputs):
+        layer_state, x = inputs
+        return step(nnx.merge(graphdef, layer_state), carry, x)
+
+    if remat != "none":
+        # Inside a scan CSE cannot merge the recomputation across iterations, so prevent_cse is only needed unrolled.
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+    if scan:
+        return jax.lax.scan(body, carry, (state, xs))
+    num_layers = jax.tree.leaves(state)[0].shape[0]
+    ys = []
+    for i in range(num_layers):
+        carry, y = body(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)

@@ -1,0 +1,205 @@
+"""LLaVA-Meteor: image → vision → Flash Global Fusion(instruction) → Visual-Native Selection →
+K image slots spliced into the token embeddings → LLM → logits, masked next-token loss, generation."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from meteor_jax.models.fusion import FlashGlobalFusion, FusionConfig
+from meteor_jax.models.llm import LLM, LLMConfig
+from meteor_jax.models.selection import Selection, SelectionConfig, select
+from meteor_jax.models.vision import VisionConfig, VisionTower
+
+IGNORE_INDEX = -100
+
+# What a batch holds (all static shapes; produced by the data pipeline):
+#   pixels            (B, H, W, C) float   normalised image (a blank image for text-only samples)
+#   tokens            (B, T) int32         token ids; the K image slots hold any id (overwritten)
+#   mask              (B, T) bool          real tokens (padding False)
+#   image_mask        (B, T) bool          exactly K True per sample with an image, none without
+#   instruction       (B, M) int32         first user turn without the image placeholder (for fusion/selection)
+#   instruction_mask  (B, M) bool
+#   labels            (B, T) int32         target ids aligned with tokens, IGNORE_INDEX where not trained
+
+
+@dataclasses.dataclass(frozen=True)
+class MeteorConfig:
+    vision: VisionConfig = VisionConfig()
+    fusion: FusionConfig = FusionConfig()
+    selection: SelectionConfig = SelectionConfig()
+    llm: LLMConfig = LLMConfig()
+
+    def __post_init__(self):
+        if self.selection.keep > self.vision.num_patches:
+            raise ValueError(
+                f"selection.keep={self.selection.keep} exceeds the {self.vision.num_patches} visual tokens "
+                f"of a {self.vision.image_size}px image with {self.vision.patch_size}px patches"
+            )
+
+
+
+def _check_type(where: str, value: Any, default: Any) -> None:
+    if default is None or value is None:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise TypeError(f"config.{where}={value!r} has type {type(value).__name__}, expected {type(default).__name__}")
+
+
+def config_from_dict(model: Mapping[str, Mapping[str, Any]], prefix: str = "model") -> MeteorConfig:
+    """Build a MeteorConfig from plain mappings (e.g. `config.model` of an ml_collections file).
+
+    Unknown sections or fields and ill-typed values raise an error that names the field.
+    """
+    hints = typing.get_type_hints(MeteorConfig)
+    unknown = set(model) - set(hints)
+    if unknown:
+        raise KeyError(f"config.{prefix}: unknown section(s) {sorted(unknown)}; known: {sorted(hints)}")
+    sections = {}
+    for name, cls in hints.items():
+        values = dict(model.get(name, {}))
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        bad = set(values) - set(fields)
+        if bad:
+            raise KeyError(f"config.{prefix}.{name}: unknown field(s) {sorted(bad)}; known: {sorted(fields)}")
+        defaults = cls()
+        for key, value in values.items():
+            _check_type(f"{prefix}.{name}.{key}", value, getattr(defaults, key))
+        sections[name] = cls(**values)
+    return MeteorConfig(**sections)
+
+
+def splice_image_tokens(embeddings: jax.Array, image_tokens: jax.Array, image_mask: jax.Array) -> jax.Array:
+    """Write the K image tokens, in order, into the K slots marked by image_mask (static shapes)."""
+    slot = jnp.clip(jnp.cumsum(image_mask, axis=1) - 1, 0, image_tokens.shape[1] - 1)
+    gathered = jnp.take_along_axis(image_tokens, slot[..., None], axis=1).astype(embeddings.dtype)
+    return jnp.where(image_mask[..., None], gathered, embeddings)
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """RoPE positions counting real tokens only, so left- and right-padding both work."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+class Meteor(nnx.Module):
+    def __init__(self, cfg: MeteorConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.vision = VisionTower(cfg.vision, rngs=rngs)
+        self.fusion = FlashGlobalFusion(
+            cfg.fusion, vision_dim=cfg.vision.width, llm_dim=cfg.llm.dim, grid=cfg.vision.grid, rngs=rngs
+        )
+        self.llm = LLM(cfg.llm, rngs=rngs)
+
+    def visual_tokens(self, pixels: jax.Array, instruction: jax.Array, instruction_mask: jax.Array) -> Selection:
+        """The K selected, fused visual tokens (B, K, d_llm) and the experts' scores."""
+        features, cls_attention = self.vision(pixels)
+        text = self.llm.embed_tokens(instruction)
+        fused = self.fusion(features, text, instruction_mask)
+        return select(fused, cls_attention, text, instruction_mask, self.cfg.selection)
+
+    def embed_inputs(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+        embeddings = self.llm.embed_tokens(batch["tokens"])
+        selected = self.visual_tokens(batch["pixels"], batch["instruction"], batch["instruction_mask"])
+        return splice_image_tokens(embeddings, selected.tokens, batch["image_mask"])
+
+    def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+        """Logits (B, T, V), float32."""
+        logits, _ = self.llm(
+            self.embed_inputs(batch), positions=positions_from_mask(batch["mask"]), mask=batch["mask"]
+        )
+        return logits
+
+    def loss(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """(sum of next-token cross-entropy over trained positions, number of trained positions).
+
+        Returned as a sum and a count so micro-batches and data-parallel shards average over all valid
+        tokens of the global batch, not per shard.
+        """
+        return next_token_loss(self(batch), batch["labels"])
+
+
+def next_token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Position t predicts labels[t + 1]; IGNORE_INDEX targets are skipped."""
+    targets = labels[:, 1:]
+    valid = targets != IGNORE_INDEX
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
+
+
+def sample_token(logits: jax.Array, rng: jax.Array | None, temperature: float = 0.0, top_p: float = 1.0) -> jax.Array:
+    """Greedy when temperature == 0; else temperature sampling restricted to the top-p nucleus."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if rng is None:
+        raise ValueError("sampling with temperature > 0 needs an rng key")
+    logits = logits.astype(jnp.float32) / temperature
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
+        before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(
+    model: Meteor,
+    batch: Mapping[str, jax.Array],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    rng: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Batched decoding with a KV cache: prefill the (left-padded) prompts with their images, then one token
+    per step until every row produced EOS or max_new_tokens. Returns (tokens (B, max_new_tokens) padded with
+    pad_id after EOS, number of generated tokens per row including EOS)."""
+    llm = model.llm
+    mask = batch["mask"]
+    b, t = mask.shape
+    if rng is None:
+        rng = jax.random.key(0)
+    cache = llm.init_cache(b, t + max_new_tokens)
+    logits, cache = llm(model.embed_inputs(batch), positions=positions_from_mask(mask), mask=mask, cache=cache)
+    rng, step_rng = jax.random.split(rng)
+    token = sample_token(logits[:, -1], step_rng, temperature, top_p)
+    position = jnp.sum(mask, axis=1).astype(jnp.int32)  # position of the first generated token
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
+    done = token == eos_id
+    length = jnp.ones((b,), jnp.int32)
+
+    def cond(carry):
+        step, _, _, _, done, _, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, token, position, cache, done, out, length = carry
+        logits, cache = llm(
+            llm.embed_tokens(token[:, None]), positions=position[:, None], mask=jnp.ones((b, 1), bool), cache=cache
+        )
+        token = sample_token(logits[:, -1], jax.random.fold_in(rng, step), temperature, top_p)
+        token = jnp.where(done, pad_id, token)
+        out = out.at[:, step].set(token)
+        length = length + (~done).astype(jnp.int32)
+        done = done | (token == eos_id)
+        return step + 1, token, position + 1, cache, done, out, length
+
+    carry = (jnp.int32(1), token, position, cache, done, out, length)
+    *_, out, length = jax.lax.while_loop(cond, body, carry)
+    return out, length
