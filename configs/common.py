@@ -51,3 +51,13 @@ def parse_arg(arg: str | None, variants: dict[str, dict], default: str) -> dict:
     if name not in variants:
         raise ValueError(f"unknown config variant {name!r}; choose one of {sorted(variants)}")
     return variants[name]
+
+
+def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A whole run config: the given model section plus every run section at its default
+    (meteor_jax.config.RUN_DEFAULTS); the calling config file then sets what differs."""
+    from meteor_jax.config import run_defaults
+
+    config = run_defaults()
+    config.model = model
+    return config

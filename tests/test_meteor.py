@@ -166,10 +166,10 @@ CLIP_L14_336 = 1024 * 3 * 14 * 14 + 1024 + 577 * 1024 + 2048 + 24 * CLIP_L14_LAY
 
 @pytest.mark.parametrize("module,llm_params", [(meteor_7b, 6_738_415_616), (meteor_13b, 13_015_864_320)])
 def test_real_configs_eval_shape(module, llm_params):
-    for variant in ("keep144", "keep64", "keep32"):
+    for variant in ("stage1-keep144", "stage2-keep64", "stage2-keep32"):
         config = module.get_config(variant)
         model = _abstract(config)
-        assert model.cfg.selection.keep == int(variant[4:])
+        assert model.cfg.selection.keep == int(variant[10:])
     assert count_params(model.llm) == llm_params
     # LLaVA uses layer -2: the tower keeps 23 of CLIP's 24 layers and no post-LN (≈303.5M in the HF checkpoint).
     assert CLIP_L14_336 == 303_507_456

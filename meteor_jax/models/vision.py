@@ -29,9 +29,16 @@ class VisionConfig:
     select_layer: int = -2  # LLaVA-1.5: hidden_states[-2], the output after depth-1 layers
     trainable: bool = False  # when False the outputs are stop_gradient-ed (frozen tower)
     scan_layers: bool = True
+    # "patch": CLIP's p×p patch projection. "conv": log2(p) stride-2 3×3 convolutions (GELU between), a
+    # small conv stem that learns far faster from scratch on small images (the demo; no CLIP weights offline).
+    stem: str = "patch"
     dtype: str = "float32"
 
     def __post_init__(self):
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"vision.stem={self.stem!r}; expected 'patch' or 'conv'")
+        if self.stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
+            raise ValueError(f"vision.stem='conv' needs a power-of-two patch_size, got {self.patch_size}")
         if self.image_size % self.patch_size:
             raise ValueError(f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.num_heads:
@@ -79,6 +86,32 @@ class PatchEmbed(nnx.Module):
         patches = pixels.astype(dtype).reshape(b, g, p, g, p, cfg.num_channels)
         out = jnp.einsum("byhxwc,hwcd->byxd", patches, self.kernel[...].astype(dtype))
         return out.reshape(b, g * g, cfg.width)
+
+
+class ConvStem(nnx.Module):
+    """log2(p) stride-2 3×3 convolutions, channel width doubling up to `width`: (B, H, W, C) → (B, N, width)."""
+
+    def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        steps = cfg.patch_size.bit_length() - 1
+        widths = [cfg.num_channels] + [max(cfg.width >> (steps - 1 - i), 8) for i in range(steps - 1)] + [cfg.width]
+        init = nnx.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)
+        self.kernels = nnx.List([
+            param(init(rngs.params(), (3, 3, cin, cout), jnp.float32), ("conv", "conv", None, None))
+            for cin, cout in zip(widths[:-1], widths[1:])
+        ])
+        self.biases = nnx.List([param(jnp.zeros((cout,), jnp.float32), (None,)) for cout in widths[1:]])
+
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(self.cfg.dtype)
+        x = pixels.astype(dtype)
+        for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases)):
+            if i:
+                x = jax.nn.gelu(x)
+            x = jax.lax.conv_general_dilated(
+                x, kernel[...].astype(dtype), window_strides=(2, 2), padding=((1, 1), (1, 1)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias[...].astype(dtype)
+        return x.reshape(x.shape[0], -1, self.cfg.width)
 
 
 class VisionAttention(nnx.Module):
@@ -138,7 +171,7 @@ class VisionTower(nnx.Module):
 
     def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.patch_embed = PatchEmbed(cfg, rngs=rngs)
+        self.patch_embed = PatchEmbed(cfg, rngs=rngs) if cfg.stem == "patch" else ConvStem(cfg, rngs=rngs)
         init = nnx.initializers.normal(cfg.width**-0.5)
         self.class_embedding = param(init(rngs.params(), (cfg.width,), jnp.float32), ("vision_embed",))
         self.position_embedding = param(

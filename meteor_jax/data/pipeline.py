@@ -1,0 +1,215 @@
+"""The grain input pipeline: LLaVA records → fixed-shape feature batches, deterministic and resumable.
+
+MapDataset.source → per-process shard → seeded shuffle (new order each epoch) → repeat → record→features
+→ to_iter_dataset → mp_prefetch (worker_count > 0) → drop & count skips, count truncations → batch.
+
+Skips travel as markers up to the main process and are dropped there, so the counts are real (not per worker)
+and the order of kept samples does not depend on the number of workers. The counts are part of the iterator
+state: a restored iterator continues both the batches and the counts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+from absl import flags, logging
+
+from meteor_jax.data import features as features_lib
+from meteor_jax.data import images
+
+SKIP_REASON = "skip_reason"  # key of the marker a skipped sample becomes
+# More skips in a row than this means a broken configuration (e.g. max_len too short for every sample), not bad
+# samples: raise instead of spinning forever over an infinitely repeated dataset.
+MAX_CONSECUTIVE_SKIPS = 1000
+
+
+class SkipCounter:
+    """Samples kept, skipped (by reason) and truncated, as seen by the main process.
+
+    Thread-safe (the training loop may read it while a prefetch thread advances the iterator). Each reason and
+    the first truncation are logged once, with the sample id.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._kept = 0
+            self._truncated = 0
+            self._skipped: dict[str, int] = {}
+
+    def observe(self, element: dict) -> bool:
+        """Counts `element`; returns whether to keep it. Removes the `truncated` flag from kept elements."""
+        if SKIP_REASON in element:
+            reason = str(element[SKIP_REASON])
+            with self._lock:
+                first = reason not in self._skipped
+                self._skipped[reason] = self._skipped.get(reason, 0) + 1
+            if first:
+                logging.warning("Skipping samples: %s (first: id %s, %s); further ones are counted, not logged",
+                                reason, element.get("id"), element.get("detail"))
+            return False
+        truncated = bool(element.pop("truncated", False))
+        with self._lock:
+            self._kept += 1
+            self._truncated += truncated
+            first = truncated and self._truncated == 1
+        if first:
+            logging.warning("Truncating over-long samples to max_len (first one in this run); counted from now on")
+        return True
+
+    @property
+    def kept(self) -> int:
+        return self._kept
+
+    @property
+    def truncated(self) -> int:
+        return self._truncated
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._skipped)
+
+    def metrics(self, prefix: str = "data/") -> dict[str, int]:
+        """Flat counters for the training metrics: kept, truncated, skipped (total) and skipped/<reason>."""
+        with self._lock:
+            out = {f"{prefix}kept": self._kept, f"{prefix}truncated": self._truncated,
+                   f"{prefix}skipped": sum(self._skipped.values())}
+            out.update({f"{prefix}skipped/{reason}": n for reason, n in sorted(self._skipped.items())})
+        return out
+
+    def get_state(self) -> dict[str, Any]:
+        with self._lock:
+            return {"kept": self._kept, "truncated": self._truncated, "skipped": dict(self._skipped)}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        with self._lock:
+            self._kept = int(state["kept"])
+            self._truncated = int(state["truncated"])
+            self._skipped = {str(k): int(v) for k, v in state["skipped"].items()}
+
+    def __repr__(self) -> str:
+        return f"SkipCounter({self.get_state()})"
+
+
+class RecordToFeatures:
+    """LLaVA record → model features (`features.make_features`); a `SkipSample` becomes a skip marker.
+
+    A module-level class so that grain can pickle it into worker processes (with the tokenizer).
+    """
+
+    def __init__(self, tokenizer, spec: features_lib.FeatureSpec):
+        self.tokenizer = tokenizer
+        self.spec = spec
+
+    def __call__(self, record: dict) -> dict:
+        try:
+            image = None
+            if record.get("image_bytes") is not None:
+                image = images.load_image(record["image_bytes"], self.spec.image_size, self.spec.image_mean,
+                                          self.spec.image_std)
+            return features_lib.make_features(record, self.tokenizer, self.spec, image=image)
+        except features_lib.SkipSample as skip:
+            return {SKIP_REASON: skip.reason, "id": str(record.get("id")), "detail": getattr(skip, "detail", "")}
+
+
+class _CountSkipsIterDataset(grain.IterDataset):
+    """Drops skip markers, counting them (and truncations) into a SkipCounter; runs in the main process."""
+
+    def __init__(self, parent: grain.IterDataset, counter: SkipCounter):
+        super().__init__(parent)
+        self._counter = counter
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _CountSkipsIterator(self._parent.__iter__(), self._counter)
+
+    def __str__(self) -> str:
+        return "CountSkipsIterDataset"
+
+
+class _CountSkipsIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, counter: SkipCounter):
+        super().__init__(parent)
+        self._counter = counter
+        counter.reset()  # the counter follows the latest iterator (a fresh one starts from zero)
+
+    def __next__(self) -> dict:
+        for _ in range(MAX_CONSECUTIVE_SKIPS):
+            element = next(self._parent)
+            if self._counter.observe(element):
+                return element
+        raise RuntimeError(f"{MAX_CONSECUTIVE_SKIPS} samples in a row were skipped; counts so far: "
+                           f"{self._counter.skipped}. Check the data and the FeatureSpec (max_len, template).")
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "counts": self._counter.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._counter.set_state(state["counts"])
+
+
+def _mark_flags_parsed(worker_index: int, worker_count: int) -> None:
+    # grain reads absl flags in its worker processes; unparsed flags (a library caller, pytest) would raise there.
+    del worker_index, worker_count
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_dataset(source, tokenizer, spec: features_lib.FeatureSpec, *, batch_size: int, seed: int,
+                 shuffle: bool = True, num_epochs: int | None = None, worker_count: int = 0, prefetch: int = 2,
+                 process_index: int | None = None, process_count: int | None = None, drop_remainder: bool = True,
+                 skip_counter: SkipCounter | None = None) -> grain.IterDataset:
+    """A grain IterDataset of feature batches (dicts of stacked np arrays, no `truncated`) for this process.
+
+    source: a random-access source of LLaVA records (`len`, `[i]`), e.g. `tfds.easy_vqa_source(...)`,
+      `llava.LlavaJsonSource` or a list. batch_size is per process. num_epochs None repeats forever.
+    process_index / process_count default to JAX's; this process reads records `index::count` of the source.
+    worker_count > 0 runs the record→features map in that many processes (`mp_prefetch`; close the iterator
+      when done); 0 runs it in grain's reader threads. Either way about `prefetch` batches are prepared ahead.
+    The batches do not depend on worker_count. The returned dataset's `skip_counter` (the one passed in, or a new
+    one) counts kept, skipped (by reason) and truncated samples of its latest iterator; the counts are part of
+    the iterator state. Iterator `get_state()` is JSON-serialisable and `set_state()` resumes exactly.
+    """
+    if process_index is None or process_count is None:
+        import jax  # only for the defaults: the pipeline itself is JAX-free
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if batch_size < 1 or worker_count < 0 or prefetch < 1:
+        raise ValueError(f"need batch_size >= 1, worker_count >= 0, prefetch >= 1; got {batch_size}, "
+                         f"{worker_count}, {prefetch}")
+    counter = skip_counter if skip_counter is not None else SkipCounter()
+
+    ds = grain.MapDataset.source(source)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    if len(ds) == 0:
+        raise ValueError(f"process {process_index} of {process_count} got no records (source has {len(source)})")
+    if shuffle:
+        ds = ds.shuffle(seed=seed)  # reseeded per epoch by repeat()
+    ds = ds.repeat(num_epochs)
+    ds = ds.map(RecordToFeatures(tokenizer, spec))
+    ahead = prefetch * batch_size  # elements; per worker when there are workers (bounds host memory)
+    if worker_count > 0:
+        ahead = -(-ahead // worker_count)
+    it = ds.to_iter_dataset(grain.ReadOptions(prefetch_buffer_size=max(ahead, 16)))  # >= its 16 threads
+    if worker_count > 0:
+        _mark_flags_parsed(0, 0)  # the main process reads grain's flags too
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=ahead),
+                            worker_init_fn=_mark_flags_parsed)
+    it = _CountSkipsIterDataset(it, counter)
+    batched = it.batch(batch_size, drop_remainder=drop_remainder)
+    batched.skip_counter = counter
+    return batched
+
+
+__all__ = ["RecordToFeatures", "SKIP_REASON", "SkipCounter", "make_dataset"]

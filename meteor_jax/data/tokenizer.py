@@ -1,0 +1,172 @@
+"""One tokenizer interface for the data code: a thin wrapper over a `tokenizers.Tokenizer`.
+
+Sources: the SmolLM2 GGUF (`meteor_jax.convert.gguf`), a HF `tokenizer.json` (+ `tokenizer_config.json`),
+or a word-level tokenizer trained here (the easy-vqa demo: lowercase words, readable ids).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Iterable, Sequence
+
+import tokenizers
+
+IMAGE_TOKEN = "<image>"
+# Word-level tokenizers put these first, so their ids are fixed: <pad>=0, <s>=1, </s>=2, <unk>=3, <image>=4.
+WORD_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN)
+
+
+class Tokenizer:
+    """`encode` never adds BOS/EOS; special tokens written in the text stay whole (one id each).
+
+    `add_bos`: whether sequences for this model start with `bos_id` (the templates prepend it).
+    `image_id`: the id written into image slots; the model overwrites their embeddings, so any valid id does.
+    `chat_template`: the model's own Jinja chat template, when its files carry one (for reference only).
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, *, eos_id: int, bos_id: int | None = None,
+                 pad_id: int | None = None, image_id: int | None = None, add_bos: bool = False,
+                 chat_template: str | None = None):
+        if eos_id is None:
+            raise ValueError("a tokenizer needs an eos id")
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.eos_id = eos_id
+        self.bos_id = bos_id
+        self.pad_id = eos_id if pad_id is None else pad_id
+        image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
+        self.image_id = image_id if image_id is not None else (
+            self.pad_id if image_token_id is None else image_token_id)
+        self.add_bos = add_bos and bos_id is not None
+        for name in ("eos_id", "bos_id", "pad_id", "image_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(f"tokenizer {name}={value} is outside the vocabulary (size {self.vocab_size})")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_token(self) -> str:
+        return self.tokenizer.id_to_token(self.eos_id)
+
+    @property
+    def bos_token(self) -> str | None:
+        return None if self.bos_id is None else self.tokenizer.id_to_token(self.bos_id)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token(self, token_id: int) -> str:
+        return self.tokenizer.id_to_token(int(token_id))
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the `tokenizers` JSON (a file path, or a directory to put `tokenizer.json` in)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        self.tokenizer.save(path)
+        return path
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
+                f"pad_id={self.pad_id}, image_id={self.image_id}, add_bos={self.add_bos})")
+
+
+def load_tokenizer(spec: str, **overrides) -> Tokenizer:
+    """A tokenizer from a spec; `overrides` replace constructor fields (eos_id, bos_id, pad_id, image_id, add_bos).
+
+    "gguf:smollm2" (or "gguf:/path/file.gguf"): the tokenizer inside a llama.cpp GGUF;
+    "word:/path/tokenizer.json": a word-level tokenizer saved by `train_word_tokenizer`;
+    "/path/tokenizer.json" or an HF directory holding one: bos/eos/pad from `tokenizer_config.json`.
+    """
+    spec = os.fspath(spec)
+    if spec.startswith("gguf:"):
+        fields = _gguf_fields(spec[len("gguf:"):])
+    elif spec.startswith("word:"):
+        fields = _word_fields(tokenizers.Tokenizer.from_file(spec[len("word:"):]))
+    else:
+        fields = _hf_fields(spec)
+    fields.update(overrides)
+    return Tokenizer(**fields)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer(path: str | None):
+    # Imported here: only GGUF users pay for it, and gguf.py also imports the model code.
+    from meteor_jax.convert.gguf import load_gguf_tokenizer
+
+    return load_gguf_tokenizer(path)  # parsing the GGUF takes seconds: done once per process
+
+
+def _gguf_fields(path: str) -> dict:
+    g = _gguf_tokenizer(None if path in ("", "smollm2") else path)
+    # SmolLM2: eos = pad = <|im_end|>; its text is never preceded by a BOS (add_bos False in the file).
+    return dict(tokenizer=g.tokenizer, eos_id=g.eos_id, bos_id=g.bos_id, pad_id=g.pad_id, add_bos=g.add_bos,
+                chat_template=g.chat_template)
+
+
+def _word_fields(tok: tokenizers.Tokenizer) -> dict:
+    ids = [tok.token_to_id(t) for t in WORD_SPECIAL_TOKENS]
+    if ids != list(range(len(WORD_SPECIAL_TOKENS))):
+        raise ValueError(f"not a word-level tokenizer from train_word_tokenizer: special ids {ids}")
+    # LLaMA-style sequences (<s> first), so the `plain` and `vicuna_v1` templates behave as in LLaVA.
+    return dict(tokenizer=tok, pad_id=0, bos_id=1, eos_id=2, image_id=4, add_bos=True)
+
+
+def _hf_fields(path: str) -> dict:
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no tokenizer.json at {path!r} (expected a file or a directory holding one)")
+    tok = tokenizers.Tokenizer.from_file(file)
+    config_file = os.path.join(os.path.dirname(file), "tokenizer_config.json")
+    config = {}
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            config = json.load(f)
+
+    def token_id(key):
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is None:
+            return None
+        token_id = tok.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"{config_file}: {key} {token!r} is not in the vocabulary")
+        return token_id
+
+    eos_id, bos_id = token_id("eos_token"), token_id("bos_token")
+    if eos_id is None:
+        raise ValueError(f"{path}: no eos_token in tokenizer_config.json; pass eos_id= to load_tokenizer")
+    add_bos = config.get("add_bos_token")
+    if add_bos is None:  # e.g. LLaMA-3: the post-processor adds BOS instead of a config flag
+        add_bos = bos_id is not None and tok.encode("", add_special_tokens=True).ids[:1] == [bos_id]
+    return dict(tokenizer=tok, eos_id=eos_id, bos_id=bos_id, pad_id=token_id("pad_token"), add_bos=bool(add_bos),
+                chat_template=config.get("chat_template"))
+
+
+def train_word_tokenizer(texts: Iterable[str], path: str | os.PathLike | None = None) -> Tokenizer:
+    """A WordLevel tokenizer over `texts`: lowercased, split at whitespace and punctuation, every word kept.
+
+    Special tokens <pad>=0, <s>=1, </s>=2, <unk>=3, <image>=4. With `path` (a file, or a directory for
+    `tokenizer.json`) it is saved, to be loaded with `load_tokenizer("word:<file>")`.
+    """
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=list(WORD_SPECIAL_TOKENS),
+                                                             min_frequency=1, show_progress=False))
+    wrapped = Tokenizer(**_word_fields(tok))
+    if path is not None:
+        wrapped.save(path)
+    return wrapped

@@ -1,0 +1,1 @@
+"""Evaluation: generation over benchmark records and their scorers."""

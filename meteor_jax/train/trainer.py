@@ -1,0 +1,312 @@
+"""A whole run from one config: mesh, tokenizer, data, model (random or converted weights), the train loop with
+checkpoint/resume and metrics, then evaluation. `python -m meteor_jax.main` is a thin wrapper around `run`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from meteor_jax import checkpoint as checkpoint_lib
+from meteor_jax import config as config_lib
+from meteor_jax import sharding
+from meteor_jax.data import features as features_lib
+from meteor_jax.data import pipeline
+from meteor_jax.data.tokenizer import Tokenizer, load_tokenizer, train_word_tokenizer
+from meteor_jax.eval import vqa
+from meteor_jax.models.meteor import Meteor, MeteorConfig, generate
+from meteor_jax.train import optim, step as step_lib
+from meteor_jax.train.metrics import MetricsWriter
+from meteor_jax.train.state import train_state_from_params
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+
+
+def sharding_rules(config) -> dict:
+    rules = dict(sharding.DEFAULT_RULES)
+    for name, axes in config.sharding_rules:
+        rules[name] = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    return rules
+
+
+def make_source(spec: str, config, workdir: str):
+    """A random-access source of LLaVA records from `kind:arg` (see config.data.train)."""
+    from meteor_jax.data import tfds as tfds_lib
+    from meteor_jax.data.llava import LlavaJsonSource
+
+    kind, _, arg = spec.partition(":")
+    data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+    if kind == "easy_vqa":
+        return tfds_lib.easy_vqa_source(arg or "train", data_dir)
+    if kind in ("llava_pretrain", "llava_instruct"):
+        return tfds_lib.llava_source(kind, data_dir, config.data.manual_dir or None, split=arg or "train")
+    if kind == "llava_json":
+        if not config.data.image_folder:
+            raise ValueError("config.data.image_folder must be set for a llava_json source")
+        return LlavaJsonSource(arg, config.data.image_folder)
+    raise ValueError(f"config.data source {spec!r}: expected easy_vqa:SPLIT, llava_json:FILE, "
+                     "llava_pretrain:SPLIT or llava_instruct:SPLIT")
+
+
+def build_tokenizer(config, workdir: str, train_source) -> Tokenizer:
+    """The configured tokenizer; "word:easy_vqa" trains a word-level one on the training records (once, saved
+    in the workdir so a resumed run gets the same ids)."""
+    spec = config.tokenizer
+    if spec.startswith("word:") and not os.path.isfile(spec[5:]):
+        path = os.path.join(workdir, "tokenizer.json")
+        if os.path.isfile(path):
+            return load_tokenizer("word:" + path)
+        texts = [turn["value"] for i in range(len(train_source)) for turn in train_source[i]["conversations"]]
+        texts.append(_template_words(config.data.template))
+        return train_word_tokenizer(texts, path if jax.process_index() == 0 else None)
+    if not spec:
+        raise ValueError("config.tokenizer is empty")
+    return load_tokenizer(spec)
+
+
+def _template_words(template: str) -> str:
+    """The fixed text of a template (USER:, ASSISTANT:, the system prompt), so a word-level vocabulary has it."""
+    from meteor_jax.data.templates import TEMPLATES
+
+    t = TEMPLATES[template]
+    text = " ".join([t.system, t.user, t.assistant, t.answer, t.after_answer])
+    return text.replace("{content}", " ").replace("{eos}", " ")
+
+
+def feature_spec(config, model_cfg: MeteorConfig) -> features_lib.FeatureSpec:
+    return features_lib.FeatureSpec(
+        max_len=config.data.max_len, instruction_len=config.data.instruction_len,
+        num_image_tokens=model_cfg.selection.keep, image_size=model_cfg.vision.image_size,
+        template=config.data.template)
+
+
+_RUNTIME_FIELDS = {"dtype", "scan_layers", "remat", "max_seq_len", "trainable", "select_layer"}
+
+
+def _check_loaded(name: str, loaded_cfg, wanted_cfg) -> None:
+    diffs = [f"{f.name}: checkpoint {getattr(loaded_cfg, f.name)!r} vs config {getattr(wanted_cfg, f.name)!r}"
+             for f in dataclasses.fields(wanted_cfg)
+             if f.name not in _RUNTIME_FIELDS and getattr(loaded_cfg, f.name) != getattr(wanted_cfg, f.name)]
+    if diffs:
+        raise ValueError(f"config.weights.{name} does not match config.model.{name}: " + "; ".join(diffs))
+
+
+def load_pretrained(config, model_cfg: MeteorConfig, mesh, rules) -> dict[str, Any]:
+    """{module name: nnx param State} for the modules with configured weights, loaded straight onto the mesh."""
+    loaded = {}
+    runtime = lambda cfg: {f: getattr(cfg, f) for f in ("dtype", "scan_layers") if hasattr(cfg, f)}  # noqa: E731
+    if config.weights.llm:
+        spec = config.weights.llm
+        if spec.startswith("gguf:"):
+            from meteor_jax.convert.gguf import load_gguf_llama
+
+            path = None if spec == "gguf:smollm2" else spec[5:]
+            llm = load_gguf_llama(path, mesh=mesh, rules=rules, remat=model_cfg.llm.remat,
+                                  max_seq_len=model_cfg.llm.max_seq_len, **runtime(model_cfg.llm))
+        else:
+            from meteor_jax.convert.llama import load_llama
+
+            llm = load_llama(spec, mesh=mesh, rules=rules, remat=model_cfg.llm.remat,
+                             max_seq_len=model_cfg.llm.max_seq_len, **runtime(model_cfg.llm))
+        _check_loaded("llm", llm.cfg, model_cfg.llm)
+        loaded["llm"] = nnx.state(llm, nnx.Param)
+    if config.weights.vision:
+        from meteor_jax.convert.clip import load_clip_vision
+
+        vision = load_clip_vision(config.weights.vision, mesh=mesh, rules=rules, select_layer=model_cfg.vision.select_layer,
+                                  trainable=model_cfg.vision.trainable, **runtime(model_cfg.vision))
+        _check_loaded("vision", vision.cfg, model_cfg.vision)
+        loaded["vision"] = nnx.state(vision, nnx.Param)
+    return loaded
+
+
+def init_params(model_cfg: MeteorConfig, seed: int, mesh, rules, loaded: dict):
+    """(graphdef, params): random initialisation of what is not `loaded`, directly on the parameter shardings.
+
+    The loaded subtrees go through the same jit and replace the random ones there, so XLA drops their random
+    initialisation and no module exists twice in memory."""
+    make = lambda: Meteor(model_cfg, rngs=nnx.Rngs(seed))  # noqa: E731
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    shardings = sharding.state_shardings(abstract, mesh, rules)
+
+    def init(loaded_pure):
+        params = nnx.state(make(), nnx.Param)
+        pure = nnx.to_pure_dict(params)
+        pure.update(loaded_pure)
+        nnx.replace_by_pure_dict(params, pure)
+        return params
+
+    loaded_pure = {k: nnx.to_pure_dict(v) for k, v in loaded.items()}
+    return graphdef, jax.jit(init, out_shardings=shardings, donate_argnums=0)(loaded_pure)
+
+
+def global_batch(batch: dict, mesh, rules) -> dict:
+    """This process's rows → global arrays sharded over the batch axes (multi-host safe)."""
+    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim, rules), v)
+            for k, v in batch.items()}
+
+
+def make_generator(graphdef, params, mesh, rules, *, max_new_tokens: int, eos_id: int, pad_id: int):
+    """A jitted batch → (tokens, lengths) greedy generator over the given (sharded) parameters."""
+    @jax.jit
+    def run(params, batch):
+        return generate(nnx.merge(graphdef, params), batch, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                        pad_id=pad_id)
+
+    def generate_batch(batch):
+        tokens, lengths = run(params, global_batch(batch, mesh, rules))
+        return np.asarray(jax.device_get(tokens)), np.asarray(jax.device_get(lengths))
+
+    return generate_batch
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train (resuming from the workdir's latest checkpoint), evaluate, write results.json; returns the results."""
+    wall_start = time.perf_counter()
+    model_cfg = config_lib.validate(config)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    rules = sharding_rules(config)
+    logging.info("mesh %s on %d devices (%s), %d process(es)", dict(mesh.shape), jax.device_count(),
+                 jax.devices()[0].platform, jax.process_count())
+
+    train_source = make_source(config.data.train, config, workdir)
+    tokenizer = build_tokenizer(config, workdir, train_source)
+    if tokenizer.vocab_size > model_cfg.llm.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but config.model.llm.vocab_size is "
+                         f"{model_cfg.llm.vocab_size}")
+    spec = feature_spec(config, model_cfg)
+    batch_size = config.train.batch_size
+    if batch_size % jax.process_count():
+        raise ValueError(f"config.train.batch_size={batch_size} is not divisible by {jax.process_count()} processes")
+    steps_per_epoch = max(len(train_source) // batch_size, 1)
+    total_steps = config.train.num_steps or max(int(math.ceil(config.train.num_epochs * steps_per_epoch)), 1)
+
+    schedule = optim.make_schedule(total_steps, lr=config.train.lr, warmup_ratio=config.train.warmup_ratio)
+    loaded = load_pretrained(config, model_cfg, mesh, rules)
+    graphdef, params = init_params(model_cfg, config.seed, mesh, rules, loaded)
+    if config.init.checkpoint:
+        params = checkpoint_lib.restore_params_subset(config.init.checkpoint, None, params, tuple(config.init.modules))
+        logging.info("took %s from checkpoint %s", list(config.init.modules), config.init.checkpoint)
+    labels = optim.trainable_labels(params, tuple(config.train.trainable))
+    tx = optim.make_optimizer(labels, schedule, weight_decay=config.train.weight_decay, clip_norm=config.train.clip_norm)
+    counts = _param_counts(params, labels)
+    logging.info("parameters: %s", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+    state, shardings = train_state_from_params(params, tx, mesh, rules)
+    train_step = step_lib.make_train_step(graphdef, tx, labels, shardings, mesh, rules=rules, schedule=schedule,
+                                          micro_batches=config.train.micro_batches)
+
+    skips = pipeline.SkipCounter()
+    dataset = pipeline.make_dataset(train_source, tokenizer, spec, batch_size=batch_size // jax.process_count(),
+                                    seed=config.seed, worker_count=config.data.worker_count,
+                                    prefetch=config.data.prefetch, skip_counter=skips)
+    iterator = iter(dataset)
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+                                       save_every=config.train.checkpoint_every)
+    start_step = 0
+    if ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(None, state)
+        if data_state is not None:
+            iterator.set_state(data_state)
+        start_step = int(state.step)
+        logging.info("resumed from step %d of %s", start_step, ckpt.directory)
+
+    writer = MetricsWriter(workdir, total_steps, batch_size, config.data.max_len)
+    train_seconds = 0.0
+    last = {}
+    if start_step < total_steps:
+        logging.info("training %d steps (%d per epoch of %d samples), global batch %d", total_steps - start_step,
+                     steps_per_epoch, len(train_source), batch_size)
+        t0 = time.perf_counter()
+        metrics_acc = []
+        for step in range(start_step, total_steps):
+            batch = next(iterator)
+            state, metrics = train_step(state, global_batch(batch, mesh, rules))
+            # A fingerprint of the batch's content: resumed runs can be checked for the same data order.
+            metrics_acc.append(dict(metrics, **{"data/token_sum": float(np.sum(batch["tokens"]))}))
+            if step == start_step:
+                jax.block_until_ready(metrics)  # the first step includes compilation: time from here on
+                logging.info("first step (compilation included) %.1f s", time.perf_counter() - t0)
+                writer.start(step + 1)
+                metrics_acc = []
+            elif (step + 1) % config.train.log_every == 0 or step + 1 == total_steps:
+                host = jax.device_get(metrics_acc)
+                last = dict(loss=float(np.mean([m["loss"] for m in host])), lr=float(host[-1]["lr"]),
+                            grad_norm=float(np.mean([m["grad_norm"] for m in host])),
+                            skipped_steps=float(sum(m["skipped_step"] for m in host)),
+                            **{"data/token_sum": host[-1]["data/token_sum"]}, **skips.metrics())
+                writer.write(step + 1, last)
+                metrics_acc = []
+                _check_skips(skips, config.data.max_skip_fraction)
+            ckpt.save(step + 1, state, iterator.get_state(), force=step + 1 == total_steps)
+        train_seconds = time.perf_counter() - t0
+    ckpt.close()
+    writer.plot_loss()
+    writer.close()
+
+    results = dict(train_steps=total_steps, resumed_from_step=start_step, train_seconds=round(train_seconds, 1),
+                   final_train_loss=last.get("loss"), skipped_train_steps=int(state.skipped),
+                   skipped_samples=skips.skipped, truncated_samples=skips.truncated,
+                   visual_tokens_total=model_cfg.vision.num_patches, visual_tokens_kept=model_cfg.selection.keep,
+                   parameters=counts)
+    if config.data.eval:
+        results.update(evaluate(config, workdir, graphdef, state.params, tokenizer, spec, mesh, rules))
+    results["wall_seconds"] = round(time.perf_counter() - wall_start, 1)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    logging.info("results: %s", json.dumps(results))
+    return results
+
+
+def evaluate(config, workdir, graphdef, params, tokenizer, spec, mesh, rules) -> dict:
+    source = make_source(config.data.eval, config, workdir)
+    n = len(source) if config.eval.num_examples < 0 else min(config.eval.num_examples, len(source))
+    generator = make_generator(graphdef, params, mesh, rules, max_new_tokens=config.eval.max_new_tokens,
+                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    t0 = time.perf_counter()
+    answers = vqa.answer_records(generator, (source[i] for i in range(n)), tokenizer, spec,
+                                 batch_size=config.eval.batch_size)
+    accuracy = vqa.exact_match(answers)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "answers.jsonl"), "w") as f:
+            for a in answers:
+                f.write(json.dumps(a) + "\n")
+    logging.info("evaluation on %s: exact match %.4f over %d questions (%.1f s)", config.data.eval, accuracy,
+                 len(answers), time.perf_counter() - t0)
+    return dict(test_accuracy=accuracy, test_examples=len(answers), eval_seconds=round(time.perf_counter() - t0, 1))
+
+
+def _check_skips(skips: pipeline.SkipCounter, max_fraction: float) -> None:
+    skipped = sum(skips.skipped.values())
+    seen = skipped + skips.kept
+    if seen >= 200 and skipped > max_fraction * seen:
+        raise RuntimeError(f"{skipped} of {seen} samples were skipped ({skips.skipped}); more than "
+                           f"config.data.max_skip_fraction={max_fraction}: check the data paths and template")
+
+
+def _param_counts(params, labels) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for (path, value), label in zip(jax.tree_util.tree_leaves_with_path(params),
+                                    jax.tree.leaves(labels)):
+        module = str(getattr(path[0], "key", path[0]))
+        counts[module] = counts.get(module, 0) + int(np.prod(value.shape))
+        if label == optim.TRAINED:
+            counts["trained"] = counts.get("trained", 0) + int(np.prod(value.shape))
+    return counts
