@@ -169,7 +169,7 @@ def test_real_configs_eval_shape(module, llm_params):
     for variant in ("stage1-keep144", "stage2-keep64", "stage2-keep32"):
         config = module.get_config(variant)
         model = _abstract(config)
-        assert model.cfg.selection.keep == int(variant[10:])
+        assert model.cfg.selection.keep == int(variant.rsplit("keep", 1)[1])
     assert count_params(model.llm) == llm_params
     # LLaVA uses layer -2: the tower keeps 23 of CLIP's 24 layers and no post-LN (≈303.5M in the HF checkpoint).
     assert CLIP_L14_336 == 303_507_456

@@ -122,8 +122,9 @@ def load_pretrained(config, model_cfg: MeteorConfig, mesh, rules) -> dict[str, A
     if config.weights.vision:
         from meteor_jax.convert.clip import load_clip_vision
 
-        vision = load_clip_vision(config.weights.vision, mesh=mesh, rules=rules, select_layer=model_cfg.vision.select_layer,
-                                  trainable=model_cfg.vision.trainable, **runtime(model_cfg.vision))
+        vision = load_clip_vision(config.weights.vision, mesh=mesh, rules=rules,
+                                  select_layer=model_cfg.vision.select_layer, trainable=model_cfg.vision.trainable,
+                                  **runtime(model_cfg.vision))
         _check_loaded("vision", vision.cfg, model_cfg.vision)
         loaded["vision"] = nnx.state(vision, nnx.Param)
     return loaded
@@ -205,7 +206,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         params = checkpoint_lib.restore_params_subset(config.init.checkpoint, None, params, tuple(config.init.modules))
         logging.info("took %s from checkpoint %s", list(config.init.modules), config.init.checkpoint)
     labels = optim.trainable_labels(params, tuple(config.train.trainable))
-    tx = optim.make_optimizer(labels, schedule, weight_decay=config.train.weight_decay, clip_norm=config.train.clip_norm)
+    tx = optim.make_optimizer(labels, schedule, weight_decay=config.train.weight_decay,
+                              clip_norm=config.train.clip_norm)
     counts = _param_counts(params, labels)
     logging.info("parameters: %s", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
     state, shardings = train_state_from_params(params, tx, mesh, rules)
