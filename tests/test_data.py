@@ -120,8 +120,6 @@ def test_vicuna_v1_mask(word_tok):
 
 
 def test_chatml_mask_smollm2(smollm2):
-    from meteor_jax.convert.gguf import GGUFTokenizer
-
     tokenized = tokenize_conversation(conversation(), "chatml", smollm2)
     trained = [smollm2.token(i) for i, label in zip(tokenized.ids, tokenized.labels) if label != IGNORE_INDEX]
     assert trained == ["red", "<|im_end|>", "circle", "<|im_end|>"]
@@ -132,15 +130,14 @@ def test_chatml_mask_smollm2(smollm2):
     assert smollm2.token(tokenized.ids[tokenized.image_positions[0] - 1]) == "Ċ"  # "<|im_start|>user\n<image>"
 
     # Same text as SmolLM2's own Jinja chat template; same ids as the whole text encoded at once.
-    gguf = GGUFTokenizer(smollm2.tokenizer, bos_id=1, eos_id=2, pad_id=2, chat_template=smollm2.chat_template)
     messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
                 for t in conversation()]
-    assert tokenized.text == gguf.apply_chat_template(messages)
+    assert tokenized.text == smollm2.apply_chat_template(messages)
     text_only = conversation("What color is the shape?")
     messages[0]["content"] = "What color is the shape?"
-    assert tokenize_conversation(text_only, "chatml", smollm2).ids == gguf.apply_chat_template(messages, tokenize=True)
+    assert tokenize_conversation(text_only, "chatml", smollm2).ids == smollm2.apply_chat_template(messages, tokenize=True)
     prompt = tokenize_conversation(text_only, "chatml", smollm2, add_generation_prompt=True)
-    assert prompt.ids == gguf.apply_chat_template(messages[:3], add_generation_prompt=True, tokenize=True)
+    assert prompt.ids == smollm2.apply_chat_template(messages[:3], add_generation_prompt=True, tokenize=True)
 
 
 def _trained_tokenizer(model, trainer, pre_tokenizer, corpus, specials=("<pad>", "<s>", "</s>", "<unk>", "<image>")):

@@ -185,7 +185,7 @@ def test_tokenizer_matches_transformers(tokenizer, hf_tokenizer):
     for text in TEXTS:
         ids = tokenizer.encode(text)
         assert ids == hf_tokenizer.encode(text, add_special_tokens=False), text
-        assert tokenizer.decode(ids) == text
+        assert tokenizer.decode(ids, skip_special_tokens=False) == text
     assert tokenizer.encode("<|im_start|>")[0] == 1  # special tokens in text stay whole
     assert tokenizer.decode([1, 28120, 2], skip_special_tokens=True) == tokenizer.decode([28120])
 
@@ -199,7 +199,7 @@ def test_chat_template_matches_transformers(tokenizer, hf_tokenizer, messages, a
     assert text == reference
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
     assert ids == hf_tokenizer.encode(reference, add_special_tokens=False)
-    assert tokenizer.decode(ids) == text
+    assert tokenizer.decode(ids, skip_special_tokens=False) == text
     assert text.endswith("<|im_start|>assistant\n") == add_generation_prompt
 
 
@@ -218,7 +218,7 @@ def test_tokenizer_isolates_numbers(tokenizer, hf_tokenizer):
         pieces.append(current)
         expected = [i for piece in pieces if piece for i in hf_tokenizer.encode(piece, add_special_tokens=False)]
         assert tokenizer.encode(text) == expected, text
-        assert tokenizer.decode(expected) == text
+        assert tokenizer.decode(expected, skip_special_tokens=False) == text
     assert tokenizer.encode("\n\n1") != hf_tokenizer.encode("\n\n1", add_special_tokens=False)
 
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 from flax import nnx
 
 from meteor_jax.convert.keymap import Rule, load_state, transpose
+from meteor_jax.data.tokenizer import Tokenizer as DataTokenizer
 
 if TYPE_CHECKING:
     from meteor_jax.models.llm import LLM, LLMConfig
@@ -233,80 +234,7 @@ def _pre_tokenizer(pre: str):
     raise NotImplementedError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: smollm, starcoder, gpt2)")
 
 
-class GGUFTokenizer:
-    """Byte-level BPE tokenizer and chat template from a GGUF file's metadata."""
-
-    def __init__(self, tokenizer, *, bos_id: int | None, eos_id: int, pad_id: int | None,
-                 chat_template: str | None, add_bos: bool = False):
-        self.tokenizer = tokenizer
-        self.bos_id = bos_id
-        self.eos_id = eos_id
-        self.pad_id = pad_id if pad_id is not None else eos_id
-        self.chat_template = chat_template
-        self.add_bos = add_bos
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
-
-    def token(self, token_id: int) -> str:
-        return self.tokenizer.id_to_token(token_id)
-
-    @property
-    def bos_token(self) -> str | None:
-        return None if self.bos_id is None else self.token(self.bos_id)
-
-    @property
-    def eos_token(self) -> str:
-        return self.token(self.eos_id)
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids; special tokens written in the text (e.g. `<|im_start|>`) map to their ids."""
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return [self.bos_id] + ids if self.add_bos and self.bos_id is not None else ids
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return self.tokenizer.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
-
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False,
-                            tokenize: bool = False, **context) -> str | list[int]:
-        """Render the file's Jinja chat template (as transformers does: sandboxed, trimmed blocks)."""
-        if not self.chat_template:
-            raise ValueError("this GGUF carries no tokenizer.chat_template")
-        text = _compile_template(self.chat_template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token, **context,
-        )
-        return self.encode(text) if tokenize else text
-
-    def save(self, path: str | os.PathLike) -> str:
-        """Write `tokenizer.json` (a file path, or a directory to put it in); returns the file path."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
-        self.tokenizer.save(path)
-        return path
-
-
-@functools.lru_cache(maxsize=8)
-def _compile_template(source: str):
-    # jinja2 only here: chat templates are general Jinja programs, and only this method needs it.
-    try:
-        from jinja2 import ext
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError as e:
-        raise ImportError("rendering a chat template needs jinja2: pip install jinja2") from e
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
-
-
-def load_gguf_tokenizer(path=None) -> GGUFTokenizer:
+def load_gguf_tokenizer(path=None) -> DataTokenizer:
     """The byte-level BPE tokenizer a GGUF describes (`tokenizer.ggml.model == "gpt2"`)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models
 
@@ -335,7 +263,7 @@ def load_gguf_tokenizer(path=None) -> GGUFTokenizer:
                     for t, kind in zip(tokens, token_types) if kind == _USER_DEFINED])
     if tok.get_vocab_size(with_added_tokens=True) != len(tokens):
         raise ValueError(f"{f.path}: tokenizer has {tok.get_vocab_size()} tokens, the file lists {len(tokens)}")
-    return GGUFTokenizer(
+    return DataTokenizer(
         tok,
         bos_id=f.metadata("tokenizer.ggml.bos_token_id", None),
         eos_id=f.metadata("tokenizer.ggml.eos_token_id"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import tokenizers
 
@@ -68,6 +68,17 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.tokenizer.token_to_id(token)
 
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = False,
+                            tokenize: bool = False, **context) -> str | list[int]:
+        """Render the model's own Jinja chat template (as transformers does: sandboxed, trimmed blocks)."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer carries no chat template")
+        text = _compile_template(self.chat_template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token, **context,
+        )
+        return self.encode(text) if tokenize else text
+
     def save(self, path: str | os.PathLike) -> str:
         """Write the `tokenizers` JSON (a file path, or a directory to put `tokenizer.json` in)."""
         path = os.fspath(path)
@@ -79,6 +90,24 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
                 f"pad_id={self.pad_id}, image_id={self.image_id}, add_bos={self.add_bos})")
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_template(source: str):
+    # jinja2 only here: chat templates are general Jinja programs, and only this method needs it.
+    try:
+        from jinja2 import ext
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as e:
+        raise ImportError("rendering a chat template needs jinja2: pip install jinja2") from e
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
 
 
 def load_tokenizer(spec: str, **overrides) -> Tokenizer:
