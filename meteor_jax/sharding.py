@@ -7,9 +7,8 @@ padded silently.
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 from flax import nnx
@@ -110,20 +109,3 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Mapping | None = None) -> Named
     axes = tuple(a for a in axes if mesh.shape[a] > 1)
     lead = axes[0] if len(axes) == 1 else (axes or None)
     return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
-
-
-def init_sharded(make: Callable[[], nnx.Module], mesh: Mesh | None = None, rules: Mapping | None = None):
-    """Build `make()` with every parameter created directly on its target sharding (never whole on one device).
-
-    Abstract shapes first (`nnx.eval_shape`), shardings from the logical axes, then one jit-compiled init whose
-    outputs are laid out by those shardings. Without a mesh, the jit still saves the eager op-by-op init time.
-    """
-    abstract = nnx.eval_shape(make)
-    graphdef, abstract_state = nnx.split(abstract)
-    out_shardings = state_shardings(abstract_state, mesh, rules) if mesh is not None else None
-
-    @functools.partial(jax.jit, out_shardings=out_shardings)
-    def init():
-        return nnx.state(make())
-
-    return nnx.merge(graphdef, init())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 from typing import Callable, Iterable, Iterator
 
@@ -18,8 +17,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-
-log = logging.getLogger(__name__)
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -83,8 +80,10 @@ def load_state(
     missing = [k for k, v in flat.items() if isinstance(v, nnx.Param) and k not in values]
     if missing:
         raise KeyError(f"no conversion rule for parameters: {missing}")
-    leaves = [(path, v.replace(values[".".join(map(str, path))]) if ".".join(map(str, path)) in values else v)
-              for path, v in nnx.to_flat_state(abstract_state)]
+    leaves = []
+    for path, v in nnx.to_flat_state(abstract_state):
+        key = ".".join(map(str, path))
+        leaves.append((path, v.replace(values[key]) if key in values else v))
     return nnx.from_flat_state(leaves)
 
 
