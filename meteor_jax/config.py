@@ -35,7 +35,9 @@ RUN_DEFAULTS: dict[str, Any] = dict(
         max_len=2048,
         instruction_len=64,
         worker_count=0,
+        read_threads=16,  # grain reader threads when worker_count is 0
         prefetch=2,
+        image_cache=0,  # decoded images kept in memory per process (uint8, S×S×3 each); 0 = decode every time
         max_skip_fraction=0.05,  # more skipped samples than this (after 200) stops the run: a broken data setup
         # Question-type proportions of the training stream, ((type, weight), ...) with the types of
         # meteor_jax/data/balance.py ("yes/no", "colour", "shape", "other"); () = the source's own mix.

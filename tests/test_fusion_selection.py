@@ -63,6 +63,19 @@ def test_every_fused_token_depends_on_the_instruction(bidirectional):
     np.testing.assert_array_equal(np.asarray(per_token[:, 3:]), 0.0)  # padding has no influence at all
 
 
+@pytest.mark.parametrize("kernel", [3, 2, 5])
+def test_local_step_equals_depthwise_convolution(kernel):
+    """The fusion block's local step (shifted sums) equals XLA's depthwise convolution with "SAME" padding."""
+    block = _fusion(local_kernel=kernel).blocks[0]
+    e = block.cfg.inner
+    xv = jax.random.normal(jax.random.key(2), (2, GRID * GRID, e))
+    w = block.local_kernel[...]
+    reference = jax.lax.conv_general_dilated(
+        xv.reshape(2, GRID, GRID, e), w[:, :, None, :], window_strides=(1, 1), padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=e) + block.local_bias[...]
+    np.testing.assert_allclose(block.local(xv), reference.reshape(2, GRID * GRID, e), rtol=1e-5, atol=1e-6)
+
+
 def test_padded_instruction_values_are_ignored():
     fusion = _fusion()
     visual, text, mask = _inputs()

@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from meteor_jax.data import pipeline
+from meteor_jax.data import images, pipeline
 from meteor_jax.data import tfds as our_tfds
 from meteor_jax.data.features import FeatureSpec
 from meteor_jax.data.templates import VICUNA_SYSTEM
@@ -199,15 +199,44 @@ def test_iterator_state_round_trip(mixed_records, tokenizer):
     assert resumed_ds.skip_counter.get_state() == ds.skip_counter.get_state()
 
 
+def test_image_cache_decodes_each_image_once_and_changes_nothing(mixed_records, tokenizer, monkeypatch):
+    # Ten samples over three distinct images, plus the corrupt one (a skip every time: failures are not cached).
+    distinct = list({r["image_bytes"]: r for r in mixed_records[:3] + mixed_records[4:] if r["image_bytes"]}.values())
+    records = [dict(distinct[i % 3], id=f"s{i}") for i in range(10)] + [mixed_records[3]]
+    assert len({r["image_bytes"] for r in records}) == 4
+    decoded = []
+    real_decode = images.decode_image
+    monkeypatch.setattr(images, "decode_image", lambda source: decoded.append(source) or real_decode(source))
+    plain = [pipeline.RecordToFeatures(tokenizer, SPEC)(r) for r in records]
+    assert len(decoded) == len(records)
+    decoded.clear()
+    to_features = pipeline.RecordToFeatures(tokenizer, SPEC, image_cache=2)
+    cached = [to_features(r) for r in records + records[:3]]
+    # Three images in a cache of two, visited 0,1,2,0,1,2,0,1,2,0: least-recently-used eviction misses all ten;
+    # the corrupt one decodes (and fails); then 0 hits (held with 2) and 1, 2 miss again.
+    assert len(decoded) == 10 + 1 + 2
+    to_features = pipeline.RecordToFeatures(tokenizer, SPEC, image_cache=8)
+    decoded.clear()
+    cached = [to_features(r) for r in records + records[:3]]
+    assert len(decoded) == 3 + 1  # three images once, the corrupt one (not cached) once
+    for want, got in zip(plain + plain[:3], cached):
+        assert want.keys() == got.keys()
+        for key in set(want) - {"detail"}:  # a skip's detail names a BytesIO object's address
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert cached[-4][pipeline.SKIP_REASON] == "corrupt image"
+    with pytest.raises(ValueError, match="image_cache"):
+        pipeline.RecordToFeatures(tokenizer, SPEC, image_cache=-1)
+
+
 def test_worker_processes_same_batches_and_resume(mixed_records, tokenizer):
-    def make(worker_count):
+    def make(worker_count, image_cache=0):
         return pipeline.make_dataset(mixed_records, tokenizer, SPEC, batch_size=4, seed=2, num_epochs=1,
-                                     worker_count=worker_count)
+                                     worker_count=worker_count, image_cache=image_cache)
 
     reference = make(0)
     expected = list(reference)
     assert len(expected) == 9  # 38 kept, remainder dropped
-    first = iter(make(2))
+    first = iter(make(2, image_cache=8))  # the decoded-image cache pickles into the workers
     try:
         _assert_same_batches(_take(first, 4), expected[:4])  # same order as in-process: skips drop in the main
         state = json.loads(json.dumps(first.get_state()))

@@ -11,7 +11,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMode
 from meteor_jax.convert.clip import clip_vision_rules, load_clip_vision, vision_config_from_hf
 from meteor_jax.convert.keymap import export_state
 from meteor_jax.models.layers import count_params
-from meteor_jax.models.vision import VisionConfig, VisionTower
+from meteor_jax.models.vision import VisionConfig, VisionTower, stride2_conv3x3
 from meteor_jax.sharding import make_mesh
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -168,3 +168,18 @@ def test_full_size_parameter_count():
     per_layer = 4 * (1024 * 1024 + 1024) + 2 * (1024 * 4096) + 4096 + 1024 + 4 * 1024
     assert full - llava == per_layer
     assert 3.0e8 < full < 3.1e8
+
+
+@pytest.mark.parametrize("height,channels", [(64, 3), (8, 16), (6, 5)])
+def test_conv_stem_step_equals_xla_convolution(height, channels):
+    """The conv stem's matmul form of a stride-2 3×3 convolution equals XLA's convolution, values and gradients."""
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (2, height, height, channels))
+    w = jax.random.normal(kw, (3, 3, channels, 7))
+    reference = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
+        x, w, window_strides=(2, 2), padding=((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(stride2_conv3x3(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
+             for f in (stride2_conv3x3, reference)]
+    for mine, ref in zip(*grads):
+        np.testing.assert_allclose(mine, ref, rtol=1e-4, atol=1e-4)

@@ -16,11 +16,21 @@ def load_image(source: str | bytes | os.PathLike, image_size: int, mean, std) ->
 
     A missing file raises SkipSample("missing image"); undecodable data SkipSample("corrupt image").
     """
+    return normalize(load_rgb(source, image_size, mean), mean, std)
+
+
+def load_rgb(source: str | bytes | os.PathLike, image_size: int, mean) -> np.ndarray:
+    """(S, S, 3) uint8 RGB, square (padded with the mean colour) and resized: everything but the normalisation."""
     background = tuple(int(m * 255) for m in mean)  # LLaVA's fill colour: int(x * 255) of the CLIP mean
     image = expand_to_square(to_rgb(decode_image(source), background), background)
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    pixels = np.asarray(image, np.float32) / 255.0
+    return np.asarray(image, np.uint8)
+
+
+def normalize(rgb: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 RGB → float32 (x / 255 - mean) / std, per channel (CLIP normalisation)."""
+    pixels = rgb.astype(np.float32) / 255.0
     return ((pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
 
 

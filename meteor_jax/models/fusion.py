@@ -81,12 +81,13 @@ class FusionBlock(nnx.Module):
     def local(self, xv: jax.Array) -> jax.Array:
         """Depthwise k×k conv over the patch grid: every token gathers its neighbourhood."""
         b, n, e = xv.shape
-        g = self.grid
-        kernel = self.local_kernel[...].astype(xv.dtype)[:, :, None, :]  # HWIO with I=1 (depthwise)
-        y = jax.lax.conv_general_dilated(
-            xv.reshape(b, g, g, e), kernel, window_strides=(1, 1), padding="SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=e,
-        )
+        g, k = self.grid, self.cfg.local_kernel
+        kernel = self.local_kernel[...].astype(xv.dtype)
+        # A sum of k² shifted slices ("SAME" padding), as causal_depthwise_conv1d: a depthwise conv with a small
+        # kernel is elementwise work, and XLA's grouped convolution runs it several times slower on CPU.
+        lo = (k - 1) // 2
+        padded = jnp.pad(xv.reshape(b, g, g, e), ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo), (0, 0)))
+        y = sum(padded[:, i:i + g, j:j + g] * kernel[i, j] for i in range(k) for j in range(k))
         return (y + self.local_bias[...].astype(xv.dtype)).reshape(b, n, e)
 
     def __call__(self, u: jax.Array, num_text: int, text_mask: jax.Array) -> jax.Array:
