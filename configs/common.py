@@ -2,19 +2,14 @@
 
 `model_config(...)` returns the `config.model` section with every field of the model dataclasses written
 out, so a config file shows the whole model and any field can be overridden on the command line
-(`--config.model.selection.keep=64`). Unknown or ill-typed fields are rejected by
-`meteor_jax.models.meteor.config_from_dict`, naming the field.
+(`--config.model.selection.keep=64`). Fields and types are checked by `meteor_jax.config.merge`, the same
+check `meteor_jax.config.validate` applies to the whole run at start-up.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import ml_collections
 
-from meteor_jax.models.fusion import FusionConfig
-from meteor_jax.models.llm import LLMConfig
-from meteor_jax.models.selection import SelectionConfig
-from meteor_jax.models.vision import VisionConfig
+from meteor_jax import config as config_lib
 
 CLIP_L14_336 = dict(image_size=336, patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096)
 VICUNA_7B = dict(vocab_size=32000, dim=4096, num_layers=32, num_heads=32, num_kv_heads=32, mlp_dim=11008,
@@ -24,25 +19,14 @@ SMOLLM2_135M = dict(vocab_size=49152, dim=576, num_layers=30, num_heads=9, num_k
                     rope_theta=100000.0, rms_norm_eps=1e-5, max_seq_len=8192, tie_embeddings=True)
 
 
-def _section(cls, overrides: dict, dtype: str | None) -> ml_collections.ConfigDict:
-    values = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
-    if dtype is not None and "dtype" in values:
-        values["dtype"] = dtype
-    unknown = set(overrides) - set(values)
-    if unknown:
-        raise KeyError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
-    values.update(overrides)
-    # Fields whose default is None must accept a value later: ml_collections types a None field as "any".
-    return ml_collections.ConfigDict(values)
-
-
 def model_config(*, vision: dict, fusion: dict, selection: dict, llm: dict, dtype: str = "float32"):
-    return ml_collections.ConfigDict(dict(
-        vision=_section(VisionConfig, vision, dtype),
-        fusion=_section(FusionConfig, fusion, dtype),
-        selection=_section(SelectionConfig, selection, None),
-        llm=_section(LLMConfig, llm, dtype),
-    ))
+    model = config_lib.model_defaults()
+    for name, values in dict(vision=vision, fusion=fusion, selection=selection, llm=llm).items():
+        if "dtype" in model[name]:
+            values = {"dtype": dtype, **values}
+        config_lib.merge(model[name], values, f"config.model.{name}")
+    model.unlock()
+    return model
 
 
 def parse_arg(arg: str | None, variants: dict[str, dict], default: str) -> dict:
@@ -56,8 +40,6 @@ def parse_arg(arg: str | None, variants: dict[str, dict], default: str) -> dict:
 def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A whole run config: the given model section plus every run section at its default
     (meteor_jax.config.RUN_DEFAULTS); the calling config file then sets what differs."""
-    from meteor_jax.config import run_defaults
-
-    config = run_defaults()
+    config = config_lib.defaults()
     config.model = model
     return config

@@ -4,8 +4,8 @@
 
 Nothing is allocated: the model, optimizer state and global batch are `jax.ShapeDtypeStruct`s carrying their
 shardings on a mesh of the target's devices (built from `config.mesh`, −1 fills), and the step that
-`trainer.run` jits (`make_train_step` over the same TrainState shardings, donated state) is lowered and
-compiled for that target. TPU targets need `libtpu` installed (it compiles for any TPU topology on a machine
+`trainer.run` jits (`Run.abstract_training`: the same optimizer, TrainState shardings and donated state) is
+lowered and compiled for that target. TPU targets need `libtpu` installed (it compiles for any TPU topology on a machine
 without TPUs, through `jax.experimental.topologies`); `cpu:N` compiles for N host devices.
 
 Topology names:
@@ -31,14 +31,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding
 
-from meteor_jax import config as config_lib
 from meteor_jax import sharding
-from meteor_jax.models.meteor import Meteor
-from meteor_jax.train import optim, step as step_lib
-from meteor_jax.train.state import TrainState, abstract_train_state
+from meteor_jax.run import Run
+from meteor_jax.train import optim
+from meteor_jax.train.state import TrainState
 
 GiB = 1024**3
 
@@ -201,21 +199,17 @@ def _ensure_cpu_devices(count: int) -> None:
         jax.config.update("jax_num_cpu_devices", count)
 
 
-def make_mesh(config, devices) -> jax.sharding.Mesh:
-    """The run's mesh (config.mesh sizes, −1 fills) over the given devices."""
-    return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
-
-
 # ----------------------------------------------------------------------------------------------- abstract inputs
 
 
-def abstract_batch(config, model_cfg, mesh, rules) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch of one train step (what `trainer.global_batch` gives the step), as sharded structs.
+def abstract_batch(run: Run) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch of one train step (what `sharding.global_batch` gives the step), as sharded structs.
 
     Shapes and dtypes are those of `data.features.make_features` stacked by the pipeline (see the batch layout in
     `models/meteor.py`); the leading dimension is config.train.batch_size over the 'batch' rule's mesh axes."""
+    config, mesh, rules = run.config, run.mesh, run.rules
     b, t, m = config.train.batch_size, config.data.max_len, config.data.instruction_len
-    s = model_cfg.vision.image_size
+    s = run.model_cfg.vision.image_size
     shapes = dict(
         pixels=((b, s, s, 3), jnp.float32),
         tokens=((b, t), jnp.int32),
@@ -278,32 +272,18 @@ def compile_train_step(config, target: Target | str, *, num_steps: int | None = 
     or 1000 when the run's length would come from the dataset)."""
     if isinstance(target, str):
         target = parse_topology(target)
-    model_cfg = config_lib.validate(config)
-
-    rules = config_lib.sharding_rules(config)
-    mesh = make_mesh(config, target_devices(target))
-
-    def make():
-        return Meteor(model_cfg, rngs=nnx.Rngs(config.seed))
-
-    params = nnx.state(nnx.eval_shape(make), nnx.Param)
-    labels = optim.trainable_labels(params, tuple(config.train.trainable))
-    schedule = optim.make_schedule(num_steps or config.train.num_steps or 1000, lr=config.train.lr,
-                                   warmup_ratio=config.train.warmup_ratio)
-    tx = optim.make_optimizer(labels, schedule, weight_decay=config.train.weight_decay,
-                              clip_norm=config.train.clip_norm)
-    graphdef, state, shardings = abstract_train_state(make, tx, mesh, rules)
-    batch = abstract_batch(config, model_cfg, mesh, rules)
-    train_step = step_lib.make_train_step(graphdef, tx, labels, shardings, mesh, rules=rules, schedule=schedule,
-                                          micro_batches=config.train.micro_batches)
+    run = Run.from_config(config, devices=target_devices(target))
+    training = run.abstract_training(num_steps or run.config.train.num_steps or 1000)
+    batch = abstract_batch(run)
     options = {}
     if target.platform == "gpu":
         # Without a device XLA cannot autotune, and its Triton GEMM fusions then fail on small dots ("Couldn't find
         # output tile sizes that satisfy hlo"): compile dots as cuBLAS calls instead (same buffers, near enough).
         options["xla_gpu_enable_triton_gemm"] = False
     t0 = time.perf_counter()
-    compiled = train_step.lower(state, batch).compile(compiler_options=options or None)
-    return Compiled(compiled, state, batch, labels, mesh, target, time.perf_counter() - t0)
+    compiled = training.step.lower(training.state, batch).compile(compiler_options=options or None)
+    return Compiled(compiled, training.state, batch, training.optimizer.labels, run.mesh, target,
+                    time.perf_counter() - t0)
 
 
 def memory_report(result: Compiled, hbm_bytes: int | None = None) -> dict:

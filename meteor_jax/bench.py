@@ -15,6 +15,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from meteor_jax import cli
+
 config_flags.DEFINE_config_file("config", None, "A config file (`file.py:variant`).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where the data and tokenizer are built (default: a temporary directory).")
 flags.DEFINE_integer("steps", 20, "Timed train steps (after the warm-up).")
@@ -48,18 +50,14 @@ def bench(config, workdir: str, *, steps: int, warmup: int, generate_batches: in
     import numpy as np
 
     from meteor_jax import aot, inference, sharding
-    from meteor_jax import config as config_lib
     from meteor_jax.data import pipeline
     from meteor_jax.eval import answering
-    from meteor_jax.train import optim, step as step_lib, trainer
-    from meteor_jax.train.state import train_state_from_params
+    from meteor_jax.run import Run
 
-    model_cfg = config_lib.validate(config)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    rules = config_lib.sharding_rules(config)
-    source = trainer.make_source(config.data.train, config, workdir)
-    tokenizer = trainer.build_tokenizer(config, workdir, source)
-    spec = config_lib.feature_spec(config, model_cfg)
+    run = Run.from_config(config)
+    config, mesh, rules, spec = run.config, run.mesh, run.rules, run.spec
+    source = run.source(config.data.train, workdir)
+    tokenizer = run.tokenizer(workdir, source)
     batch_size = config.train.batch_size
 
     dataset = iter(pipeline.make_dataset(source, tokenizer, spec, batch_size=batch_size, seed=config.seed,
@@ -69,12 +67,10 @@ def bench(config, workdir: str, *, steps: int, warmup: int, generate_batches: in
     batches = [next(dataset) for _ in range(warmup + steps)]
     pipeline_seconds = time.perf_counter() - t0
 
-    graphdef, params = trainer.init_params(model_cfg, config.seed, mesh, rules, {})
-    labels = optim.trainable_labels(params, tuple(config.train.trainable))
-    tx = optim.make_optimizer(labels, optim.make_schedule(warmup + steps, lr=config.train.lr), clip_norm=1.0)
-    state, shardings = train_state_from_params(params, tx, mesh, rules)
-    train_step = step_lib.make_train_step(graphdef, tx, labels, shardings, mesh, rules=rules,
-                                          micro_batches=config.train.micro_batches)
+    # The run's own optimizer (labels, schedule, weight decay, clipping) over a schedule of the timed steps.
+    graphdef, params = run.random_params()
+    training = run.training(graphdef, params, warmup + steps)
+    state, train_step, labels = training.state, training.step, training.optimizer.labels
     device_batches = [sharding.global_batch(b, mesh, rules) for b in batches]
     t0 = time.perf_counter()
     compiled = train_step.lower(state, device_batches[0]).compile()
@@ -99,8 +95,9 @@ def bench(config, workdir: str, *, steps: int, warmup: int, generate_batches: in
     step_s = statistics.median(times)
     peak = peak_flops(device.device_kind)
     report = dict(
-        config_model=dict(vision=model_cfg.vision.width, fusion=model_cfg.fusion.dim, llm=model_cfg.llm.dim,
-                          keep=model_cfg.selection.keep, of=model_cfg.vision.num_patches),
+        config_model=dict(vision=run.model_cfg.vision.width, fusion=run.model_cfg.fusion.dim,
+                          llm=run.model_cfg.llm.dim, keep=run.model_cfg.selection.keep,
+                          of=run.model_cfg.vision.num_patches),
         devices=f"{mesh.size} x {device.device_kind}", mesh={k: int(v) for k, v in mesh.shape.items()},
         batch_size=batch_size, seq_len=spec.max_len, compile_seconds=round(compile_seconds, 2),
         step_seconds_median=round(step_s, 4), step_seconds_min=round(min(times), 4),
@@ -129,7 +126,7 @@ def bench(config, workdir: str, *, steps: int, warmup: int, generate_batches: in
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
+    cli.setup_logging(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         report = bench(FLAGS.config, FLAGS.workdir or tmp, steps=FLAGS.steps, warmup=FLAGS.warmup,
                        generate_batches=FLAGS.generate_batches)

@@ -1,20 +1,21 @@
-"""The run configuration: every section but `model` with its defaults, and start-up validation.
+"""The run configuration: every section with its defaults, and the one start-up validator.
 
-A config file (ml_collections, big_vision style) holds a whole run; `configs/common.py` starts from
-`run_defaults()` and the file overrides what it needs. `validate(config)` runs before anything else and
-names the bad field: an unknown section or field (a typo would otherwise be ignored silently), a value of
-the wrong type, or a value out of range.
+A config file (ml_collections, big_vision style) holds a whole run; `configs/common.py` starts from these defaults
+and the file overrides what it needs. `validate(config)` runs before anything else: the config is merged into a
+locked copy of the defaults (`merge`), so an unknown section or field (a typo would otherwise be ignored silently)
+or a value ml_collections cannot cast to the default's type is an error naming the field; then the cross-field
+checks. The model section's defaults are the model dataclasses' own (`model_defaults`).
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Any, Mapping
 
 import ml_collections
 
-from meteor_jax import sharding
 from meteor_jax.data.features import FeatureSpec
 from meteor_jax.models.meteor import MeteorConfig, config_from_dict
-
 RUN_DEFAULTS: dict[str, Any] = dict(
     seed=0,
     # "word:easy_vqa" (a word-level tokenizer trained on the easy-vqa text), "gguf:smollm2", "gguf:/x.gguf",
@@ -63,62 +64,76 @@ RUN_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def run_defaults() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(RUN_DEFAULTS)
+def model_defaults() -> ml_collections.ConfigDict:
+    """`config.model` with every field of the model dataclasses at its default."""
+    return ml_collections.ConfigDict({
+        name: {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
+        for name, cls in typing.get_type_hints(MeteorConfig).items()})
 
 
-def _same_kind(value: Any, default: Any) -> bool:
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(default, (tuple, list)):
-        return isinstance(value, (tuple, list))
-    return isinstance(value, type(default))
+def defaults() -> ml_collections.ConfigDict:
+    """A whole run config at its defaults (the model section included)."""
+    config = ml_collections.ConfigDict(RUN_DEFAULTS)
+    config.model = model_defaults()
+    return config
 
 
-def _check(section: Mapping, defaults: Mapping, where: str) -> None:
-    unknown = sorted(set(section) - set(defaults))
-    if unknown:
-        raise ValueError(f"config{where}: unknown field(s) {unknown}; known: {sorted(defaults)}")
-    for key, value in section.items():
-        default = defaults[key]
-        if isinstance(default, Mapping):
+def merge(target: ml_collections.ConfigDict, values: Mapping, where: str = "config") -> ml_collections.ConfigDict:
+    """Write `values` (nested mappings) into `target`, which is locked first: no field can be added, and each value
+    must cast to its default's type (ml_collections' rules; a bool for a number is refused too). Errors name the
+    dotted field. Returns `target`."""
+    target.lock()
+    for key, value in values.items():
+        if key not in target:
+            raise ValueError(f"{where}: unknown field(s) {[key]}; known: {sorted(target)}")
+        default = target[key]
+        if isinstance(default, ml_collections.ConfigDict):
             if not isinstance(value, Mapping):
-                raise TypeError(f"config{where}.{key} must be a section, got {value!r}")
-            _check(value, default, f"{where}.{key}")
-        elif not _same_kind(value, default):
-            raise TypeError(f"config{where}.{key}={value!r} has type {type(value).__name__}, "
-                            f"expected {type(default).__name__}")
+                raise TypeError(f"{where}.{key} must be a section, got {value!r}")
+            merge(default, value, f"{where}.{key}")
+            continue
+        if isinstance(value, bool) and isinstance(default, (int, float)) and not isinstance(default, bool):
+            raise TypeError(f"{where}.{key}={value!r} has type bool, expected {type(default).__name__}")
+        try:
+            setattr(target, key, value)
+        except TypeError as e:
+            raise TypeError(f"{where}.{key}={value!r} has type {type(value).__name__}, expected "
+                            f"{type(default).__name__}") from e
+    return target
 
 
-def validate(config: ml_collections.ConfigDict) -> MeteorConfig:
-    """Check a run config; returns the model config. Raises ValueError/TypeError/KeyError naming the field."""
-    raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    if "model" not in raw:
-        raise ValueError("config: missing the `model` section")
-    model = config_from_dict(raw.pop("model"))
-    _check(raw, RUN_DEFAULTS, "")
-    train, data = raw.get("train", {}), raw.get("data", {})
-    batch = train.get("batch_size", RUN_DEFAULTS["train"]["batch_size"])
-    micro = train.get("micro_batches", 1)
-    if batch < 1 or micro < 1 or batch % micro:
-        raise ValueError(f"config.train.batch_size={batch} must be a positive multiple of micro_batches={micro}")
-    if train.get("lr", 1.0) <= 0:
-        raise ValueError(f"config.train.lr={train['lr']} must be > 0")
-    max_len = data.get("max_len", RUN_DEFAULTS["data"]["max_len"])
-    if max_len <= model.selection.keep:
-        raise ValueError(f"config.data.max_len={max_len} leaves no room for text after "
+def _cross_field_checks(config: ml_collections.ConfigDict, model: MeteorConfig) -> None:
+    train, data = config.train, config.data
+    if train.batch_size < 1 or train.micro_batches < 1 or train.batch_size % train.micro_batches:
+        raise ValueError(f"config.train.batch_size={train.batch_size} must be a positive multiple of "
+                         f"micro_batches={train.micro_batches}")
+    if train.lr <= 0:
+        raise ValueError(f"config.train.lr={train.lr} must be > 0")
+    if data.max_len <= model.selection.keep:
+        raise ValueError(f"config.data.max_len={data.max_len} leaves no room for text after "
                          f"{model.selection.keep} image tokens")
-    for entry in data.get("balance", ()):
+    if data.max_len > model.llm.max_seq_len:
+        raise ValueError(f"config.data.max_len={data.max_len} exceeds config.model.llm.max_seq_len="
+                         f"{model.llm.max_seq_len}")
+    for entry in data.balance:
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
                 and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool) and entry[1] >= 0):
             raise ValueError(f"config.data.balance entry {entry!r} must be a (question type, weight >= 0) pair")
-    if max_len > model.llm.max_seq_len:
-        raise ValueError(f"config.data.max_len={max_len} exceeds config.model.llm.max_seq_len={model.llm.max_seq_len}")
-    return model
+
+
+def validate(config: Mapping) -> tuple[ml_collections.ConfigDict, MeteorConfig]:
+    """(the config with every field present, checked and locked; the model config). Raises ValueError (unknown
+    field, bad value) or TypeError (wrong type), naming the field."""
+    raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    if "model" not in raw:
+        raise ValueError("config: missing the `model` section")
+    checked = merge(defaults(), raw)
+    try:
+        model = config_from_dict(checked.model)
+    except ValueError as e:  # the model dataclasses' own checks (e.g. keep > visual tokens)
+        raise ValueError(f"config.model: {e}") from e
+    _cross_field_checks(checked, model)
+    return checked, model
 
 
 def feature_spec(config: ml_collections.ConfigDict, model_cfg: MeteorConfig) -> FeatureSpec:
@@ -126,7 +141,3 @@ def feature_spec(config: ml_collections.ConfigDict, model_cfg: MeteorConfig) -> 
     return FeatureSpec(max_len=config.data.max_len, instruction_len=config.data.instruction_len,
                        num_image_tokens=model_cfg.selection.keep, image_size=model_cfg.vision.image_size,
                        template=config.data.template)
-
-
-def sharding_rules(config: ml_collections.ConfigDict) -> dict:
-    return sharding.rules_with(config.sharding_rules)

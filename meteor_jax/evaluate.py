@@ -14,6 +14,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from meteor_jax import cli
+
 config_flags.DEFINE_config_file("config", None, "A config file (`file.py:variant`); default: the run's config.json.",
                                 lock_config=True)
 flags.DEFINE_string("checkpoint", None, "A run's workdir, its checkpoints/ directory or one checkpoints/<step>/.")
@@ -44,7 +46,7 @@ def main(argv):
     from meteor_jax import inference
     from meteor_jax.eval import answering, benchmarks, report
 
-    logging.set_verbosity(logging.INFO)
+    cli.setup_logging()
     benchmark = benchmarks.get_benchmark(FLAGS.benchmark)
     ground_truth = benchmarks.load_ground_truth(FLAGS.ground_truth) if FLAGS.ground_truth else None
     records = answering.read_questions(FLAGS.questions, FLAGS.images,

@@ -14,14 +14,11 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from meteor_jax import checkpoint as checkpoint_lib
-from meteor_jax import config as config_lib
 from meteor_jax import paths
 from meteor_jax import sharding
-from meteor_jax.data import features as features_lib
-from meteor_jax.data.tokenizer import Tokenizer, load_tokenizer
-from meteor_jax.models.meteor import Meteor, MeteorConfig, generate
-from meteor_jax.train.state import with_shardings
+from meteor_jax.data.tokenizer import Tokenizer
+from meteor_jax.models.meteor import generate
+from meteor_jax.run import Run
 
 Generator = Callable[[dict], tuple[np.ndarray, np.ndarray]]  # batch → (tokens (B, N), lengths (B,))
 
@@ -64,31 +61,18 @@ def load_run_config(workdir: paths.PathLike) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads((paths.workdir_path(workdir) / "config.json").read_text()))
 
 
-def run_tokenizer(config, workdir: paths.PathLike | None) -> Tokenizer:
-    """The tokenizer a run trained with. A word-level tokenizer ("word:easy_vqa") was trained by the run and
-    lives in its workdir, so it needs one."""
-    spec = config.tokenizer
-    if spec.startswith("word:") and not paths.workdir_path(spec[5:]).is_file():
-        path = paths.workdir_path(workdir) / "tokenizer.json" if workdir else None
-        if path is None or not path.is_file():
-            raise FileNotFoundError(f"config.tokenizer={spec!r} is trained by the run and saved as "
-                                    "WORKDIR/tokenizer.json: pass the run's workdir (or a checkpoint inside it)")
-        return load_tokenizer(f"word:{path}")
-    if not spec:
-        raise ValueError("config.tokenizer is empty")
-    return load_tokenizer(spec)
-
-
 @dataclasses.dataclass
 class LoadedModel:
-    config: ml_collections.ConfigDict
-    model_cfg: MeteorConfig
+    run: Run  # the config, mesh, rules and feature spec the parameters belong to
     graphdef: nnx.GraphDef
     params: nnx.State
     tokenizer: Tokenizer
-    spec: features_lib.FeatureSpec
-    mesh: jax.sharding.Mesh
-    rules: dict
+
+    config = property(lambda self: self.run.config)
+    model_cfg = property(lambda self: self.run.model_cfg)
+    spec = property(lambda self: self.run.spec)
+    mesh = property(lambda self: self.run.mesh)
+    rules = property(lambda self: self.run.rules)
 
     def round_batch(self, rows: int) -> int:
         """`rows` rounded up to a multiple of the mesh axes the batch is split over (every process holds the whole
@@ -100,53 +84,33 @@ class LoadedModel:
 
     def with_keep(self, keep: int) -> "LoadedModel":
         """The same parameters seen with another number of kept visual tokens (selection is parameter-free in K:
-        its top-K is static, so only the graph and the number of image slots change). The prompt length grows or
-        shrinks with the image slots, so the text keeps the room it had."""
-        config = ml_collections.ConfigDict(self.config.to_dict())
-        config.data.max_len += keep - config.model.selection.keep
-        config.model.selection.keep = keep
-        # RoPE positions are computed, not stored: a longer maximum needs no new parameters.
-        config.model.llm.max_seq_len = max(config.model.llm.max_seq_len, config.data.max_len)
-        model_cfg = config_lib.validate(config)
-        graphdef = nnx.split(nnx.eval_shape(lambda: Meteor(model_cfg, rngs=nnx.Rngs(0))))[0]
-        return dataclasses.replace(self, config=config, model_cfg=model_cfg, graphdef=graphdef,
-                                   spec=config_lib.feature_spec(config, model_cfg))
+        its top-K is static, so only the graph and the number of image slots change; see `Run.with_keep`)."""
+        run = self.run.with_keep(keep)
+        return dataclasses.replace(self, run=run, graphdef=nnx.graphdef(nnx.eval_shape(run.make_model)))
 
 
 def load_model(config: ml_collections.ConfigDict | None, checkpoint: str | None) -> LoadedModel:
     """Parameters from `checkpoint` (see resolve_checkpoint), or, without one, from the config's converted weights
     (`config.weights.*`, `config.init.checkpoint`) with the rest random. Without `config` the run's own
     config.json is used."""
-    from meteor_jax.train import trainer  # the same weight loading as training
-
     ref = resolve_checkpoint(checkpoint) if checkpoint else None
     if config is None:
         if ref is None or ref.workdir is None:
             raise ValueError("--config is needed unless --checkpoint is inside a run's workdir (with config.json)")
         config = load_run_config(ref.workdir)
-    model_cfg = config_lib.validate(config)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    rules = config_lib.sharding_rules(config)
-    tokenizer = run_tokenizer(config, ref.workdir if ref else None)
-    if tokenizer.vocab_size > model_cfg.llm.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, config.model.llm.vocab_size is "
-                         f"{model_cfg.llm.vocab_size}: the config does not belong to this tokenizer")
+    run = Run.from_config(config)
+    tokenizer = run.tokenizer(ref.workdir if ref else None)
     if ref is not None:
         # Every module comes from the checkpoint: restore onto abstract sharded parameters, nothing random.
-        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Meteor(model_cfg, rngs=nnx.Rngs(0))))
-        abstract = nnx.state(abstract, nnx.Param)
-        abstract = with_shardings(abstract, sharding.state_shardings(abstract, mesh, rules))
-        params = checkpoint_lib.restore_params_subset(ref.directory, ref.step, abstract,
-                                                      tuple(nnx.to_pure_dict(abstract)))
+        graphdef, params = run.restored_params(ref.directory, ref.step)
         logging.info("loaded step %d of %s", ref.step, ref.directory)
     else:
-        graphdef, params, given = trainer.initial_params(config, model_cfg, mesh, rules)
+        graphdef, params, given = run.initial_params()
         missing = sorted(set(nnx.to_pure_dict(params)) - set(given))
         if missing:
             logging.warning("no weights for %s: they are randomly initialised (pass --checkpoint for a trained "
                             "run)", missing)
-    return LoadedModel(config, model_cfg, graphdef, params, tokenizer, config_lib.feature_spec(config, model_cfg), mesh,
-                       rules)
+    return LoadedModel(run, graphdef, params, tokenizer)
 
 
 def make_generator(graphdef, params, mesh, rules, *, max_new_tokens: int, eos_id: int, pad_id: int,
@@ -161,8 +125,9 @@ def make_generator(graphdef, params, mesh, rules, *, max_new_tokens: int, eos_id
     # Replicated outputs: with several processes every one gets all the answers (process 0 writes them).
     @functools.partial(jax.jit, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     def run(params, batch, rng):
-        return generate(nnx.merge(graphdef, params), batch, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                        pad_id=pad_id, temperature=temperature, top_p=top_p, rng=rng)
+        with sharding.logical_rules(rules):  # activation constraints under the same rules as the parameters
+            return generate(nnx.merge(graphdef, params), batch, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                            pad_id=pad_id, temperature=temperature, top_p=top_p, rng=rng)
 
     calls = iter(range(1 << 62))
 

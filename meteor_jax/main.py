@@ -2,10 +2,10 @@
 
 Trains (resuming from DIR's latest checkpoint if there is one), evaluates, and writes DIR/results.json.
 """
-import logging as std_logging
-
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from meteor_jax import cli
 
 flags.DEFINE_string("workdir", None,
                     "Directory for checkpoints, metrics, plots and results: local or gs://bucket/run (needs "
@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
+    cli.setup_logging()
     if FLAGS.compile_only:
         if not FLAGS.topology:
             raise app.UsageError("--compile_only needs --topology (e.g. v5p-64 or cpu:8)")
@@ -43,9 +43,6 @@ def main(argv):
                            FLAGS.cpu_devices_per_process)  # before any other JAX use
     from meteor_jax.train import trainer
 
-    # Orbax logs every checkpoint phase at INFO; keep its warnings, drop the chatter.
-    logging.get_absl_handler().addFilter(
-        lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname)
     trainer.run(FLAGS.config, FLAGS.workdir)
 
 

@@ -4,6 +4,9 @@ Parameters carry logical axis names (`logical_axes` metadata, see `models.layers
 part of the config, maps each logical name to a mesh axis, a tuple of mesh axes, or None (replicated).
 A dimension that the mapped mesh axes do not divide is replicated instead (tiny test models), never
 padded silently.
+
+Activations follow the same table: a jitted function traces its model under `logical_rules(rules)` (Flax's
+logical-axis-rules context), and `constrain` maps an activation's logical axes through the rules in force.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from typing import Mapping, Sequence
 
 import jax
 from flax import nnx
+from flax.core import spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -109,6 +113,29 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Mapping | None = None) -> Named
     axes = tuple(a for a in axes if mesh.shape[a] > 1)
     lead = axes[0] if len(axes) == 1 else (axes or None)
     return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
+
+
+def logical_rules(rules: Mapping):
+    """Context in which `constrain` (activation shardings) uses `rules`: enter it inside the traced function,
+    so it is in force whenever jit traces the model."""
+    return nnx.logical_axis_rules(tuple(rules.items()))
+
+
+def current_rules() -> dict:
+    """The rules of the innermost `logical_rules` context, else DEFAULT_RULES."""
+    rules = spmd.get_logical_axis_rules()
+    return dict(rules) if rules else DEFAULT_RULES
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], mesh) -> jax.Array:
+    """Pin activation `x` to the mesh axes its logical `axes` map to under the current rules (a no-op without a
+    mesh, or where every dimension stays replicated)."""
+    if mesh is None:
+        return x
+    spec = logical_to_spec(axes, x.shape, mesh, current_rules())
+    if all(s is None for s in spec):
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def rules_with(overrides: Sequence = ()) -> dict:

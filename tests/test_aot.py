@@ -10,8 +10,8 @@ from flax import nnx
 
 from configs import tiny
 from meteor_jax import aot, sharding
-from meteor_jax import config as config_lib
 from meteor_jax.models.meteor import Meteor, config_from_dict
+from meteor_jax.run import Run
 
 FSDP = 4  # mesh (data 2, fsdp 4, tensor 1) on the 8 CPU devices
 
@@ -77,16 +77,15 @@ def test_batch_matches_the_pipeline_features():
     from meteor_jax.data.tokenizer import train_word_tokenizer
 
     config = tiny_config()
-    model_cfg = config_from_dict(config.model.to_dict())
-    spec = config_lib.feature_spec(config, model_cfg)
+    run = Run.from_config(config, devices=jax.devices()[:8])
+    spec = run.spec
     tokenizer = train_word_tokenizer(["what shape is this", "circle", "USER ASSISTANT"])
     record = dict(id="a", conversations=[{"from": "human", "value": "<image>\nwhat shape is this?"},
                                          {"from": "gpt", "value": "circle"}])
     image = np.zeros((spec.image_size, spec.image_size, 3), np.float32)
     sample = features.make_features(record, tokenizer, spec, image=image)
     sample.pop("truncated")  # removed by the pipeline's skip counter
-    mesh = sharding.make_mesh(8, 1, 1, devices=jax.devices()[:8])
-    batch = aot.abstract_batch(config, model_cfg, mesh, sharding.DEFAULT_RULES)
+    batch = aot.abstract_batch(run)
     assert {k: (v.shape[1:], np.dtype(v.dtype)) for k, v in batch.items()} == {
         k: (v.shape, v.dtype) for k, v in sample.items()}
 

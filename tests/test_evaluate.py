@@ -14,6 +14,7 @@ from meteor_jax import inference
 from meteor_jax.data.tfds import easy_vqa_source
 from meteor_jax.eval import answering, report
 from meteor_jax.eval.export import export_benchmark
+from meteor_jax.run import Run
 from meteor_jax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,7 +131,7 @@ def test_resolve_checkpoint_forms(run_dir, tmp_path):
 def test_word_tokenizer_needs_the_run_workdir():
     config = tiny.get_config()
     with pytest.raises(FileNotFoundError, match="WORKDIR/tokenizer.json"):
-        inference.run_tokenizer(config, None)
+        Run.from_config(config).tokenizer(None)
 
 
 def test_read_questions_suffix_and_errors(tmp_path):

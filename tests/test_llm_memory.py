@@ -73,3 +73,24 @@ def test_fsdp_temporaries_do_not_grow_with_device_count():
     # Same rows per device, 4x the devices (and the global batch): with the activations kept batch-sharded the
     # temporaries per device stay put (they grew ~3.6x when XLA gathered the global batch onto every device).
     assert _compiled_temp_bytes(8) <= 1.1 * _compiled_temp_bytes(2)
+
+
+def test_activation_constraints_follow_the_rules_table():
+    """Activations are pinned through the same logical rules as the weights: the config's 'batch' rule decides."""
+    cfg = _cfg()
+    gd, params = nnx.split(LLM(cfg, rngs=nnx.Rngs(0)))
+    mesh = sharding.make_mesh(2, 4, 1, devices=jax.devices()[:8])
+    params = jax.device_put(params, sharding.state_shardings(params, mesh))
+    tokens = jnp.zeros((8, 16), jnp.int32)
+
+    def logits_spec(rules):
+        def forward(params, tokens):
+            with sharding.logical_rules(rules):
+                model = nnx.merge(gd, params)
+                return model(model.embed_tokens(tokens))[0]
+
+        return jax.jit(forward)(params, tokens).sharding.spec
+
+    assert logits_spec(sharding.DEFAULT_RULES)[0] == ("data", "fsdp")
+    assert logits_spec(sharding.rules_with([("batch", "data")]))[0] == "data"
+    assert logits_spec(sharding.rules_with([("batch", "fsdp")]))[0] == "fsdp"

@@ -108,7 +108,7 @@ def test_config_validation_names_the_field():
         config_lib.validate(ml_collections.ConfigDict(raw))
     bad = demo.get_config()
     bad.model.fusion.scan_windw = 4
-    with pytest.raises(KeyError, match="scan_windw"):
+    with pytest.raises(ValueError, match=r"config\.model\.fusion: unknown field\(s\) \['scan_windw'\]"):
         config_lib.validate(bad)
     bad = demo.get_config()
     bad.train.batch_size = 30

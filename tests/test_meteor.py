@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import common
 from configs import meteor_7b, meteor_13b, smollm2, tiny
+from meteor_jax import config as config_lib
 from meteor_jax import sharding
 from meteor_jax.models.layers import count_params
 from meteor_jax.models.meteor import (
@@ -140,18 +142,24 @@ def test_sample_token_top_p():
 
 
 def test_config_errors_name_the_field():
-    cfg = tiny.get_config().model.to_dict()
-    cfg["fusion"]["scan_windw"] = 2
-    with pytest.raises(KeyError, match="fusion.*scan_windw"):
-        config_from_dict(cfg)
-    cfg = tiny.get_config().model.to_dict()
-    cfg["selection"]["keep"] = "many"
-    with pytest.raises(TypeError, match="selection.keep"):
-        config_from_dict(cfg)
-    cfg = tiny.get_config().model.to_dict()
-    cfg["selection"]["keep"] = 17
-    with pytest.raises(ValueError, match="keep=17"):
-        config_from_dict(cfg)
+    cfg = tiny.get_config().to_dict()
+    cfg["model"]["fusion"]["scan_windw"] = 2
+    with pytest.raises(ValueError, match=r"config\.model\.fusion: unknown field.*scan_windw"):
+        config_lib.validate(cfg)
+    cfg = tiny.get_config().to_dict()
+    cfg["model"]["selection"]["keep"] = "many"
+    with pytest.raises(TypeError, match=r"config\.model\.selection\.keep='many'"):
+        config_lib.validate(cfg)
+    cfg = tiny.get_config().to_dict()
+    cfg["model"]["selection"]["keep"] = True  # ml_collections would take a bool for an int
+    with pytest.raises(TypeError, match=r"config\.model\.selection\.keep=True has type bool"):
+        config_lib.validate(cfg)
+    cfg = tiny.get_config().to_dict()
+    cfg["model"]["selection"]["keep"] = 17
+    with pytest.raises(ValueError, match="config.model: selection.keep=17"):
+        config_lib.validate(cfg)
+    with pytest.raises(ValueError, match=r"config\.model\.vision: unknown field.*widht"):
+        common.model_config(vision=dict(widht=8), fusion={}, selection={}, llm={})
 
 
 def _abstract(config):

@@ -155,22 +155,22 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path, data_dir):
 
 
 def test_data_state_moves_between_process_layouts():
-    from meteor_jax.train.trainer import _process_data_state
+    from meteor_jax.distributed import process_data_state
 
     def state(k, kept=0, skipped=None):
         return {"parent": {"next_index": k}, "counts": {"kept": kept, "truncated": 0, "skipped": skipped or {}}}
 
     saved = {"rows": 8, "slots": [state(16, 16), state(16, 15, {"corrupt image": 1})]}
-    assert _process_data_state(saved, 1, 2, 8, 16) == saved["slots"][1]  # the same layout: this slot's own state
-    assert _process_data_state(saved, 0, 1, 16, 16) == state(32, 31, {"corrupt image": 1})  # 2 processes → 1
-    assert _process_data_state(saved, 3, 4, 4, 16) == state(8)  # → 4 processes: each at its rows of batch 3
+    assert process_data_state(saved, 1, 2, 8, 16) == saved["slots"][1]  # the same layout: this slot's own state
+    assert process_data_state(saved, 0, 1, 16, 16) == state(32, 31, {"corrupt image": 1})  # 2 processes → 1
+    assert process_data_state(saved, 3, 4, 4, 16) == state(8)  # → 4 processes: each at its rows of batch 3
     uneven = {"rows": 8, "slots": [state(17), state(16)]}  # a skip: process 0 read one record more
-    assert _process_data_state(uneven, 0, 1, 16, 16)["parent"] == {"next_index": 48}
+    assert process_data_state(uneven, 0, 1, 16, 16)["parent"] == {"next_index": 48}
     legacy = state(32, 32)  # a single process's iterator state (checkpoints before multi-process support)
-    assert [_process_data_state(legacy, i, 2, 8, 16)["parent"]["next_index"] for i in range(2)] == [16, 16]
-    assert _process_data_state(None, 0, 2, 8, 16) is None
+    assert [process_data_state(legacy, i, 2, 8, 16)["parent"]["next_index"] for i in range(2)] == [16, 16]
+    assert process_data_state(None, 0, 2, 8, 16) is None
     with pytest.raises(ValueError, match="worker_count"):
-        _process_data_state({"rows": 8, "slots": [{"workers_state": {}}] * 2}, 0, 1, 16, 16)
+        process_data_state({"rows": 8, "slots": [{"workers_state": {}}] * 2}, 0, 1, 16, 16)
 
 
 def test_single_process_needs_no_distributed_runtime():

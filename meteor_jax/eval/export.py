@@ -15,6 +15,7 @@ from typing import Iterable
 from absl import app, flags, logging
 from PIL import Image
 
+from meteor_jax import cli
 from meteor_jax.data.templates import instruction_text
 from meteor_jax.eval.answering import gold_answer
 
@@ -43,6 +44,7 @@ def export_benchmark(records: Iterable[dict], out_dir: str) -> dict[str, str]:
 
 
 def main(argv):
+    cli.setup_logging()
     del argv
     from meteor_jax.data import tfds as tfds_lib
 

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from meteor_jax import sharding
+
 Axes = tuple[str | None, ...]
 
 default_kernel_init = nnx.initializers.lecun_normal()
@@ -85,11 +87,6 @@ def quick_gelu(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(1.702 * x)
 
 
-# Mesh axes that an activation's leading (batch) dimension is split over: those of the 'batch' entry of
-# `meteor_jax.sharding.DEFAULT_RULES` on the ('data', 'fsdp', 'tensor') mesh of `sharding.make_mesh`.
-BATCH_AXES = ("data", "fsdp")
-
-
 def mesh_of(x: jax.Array):
     """The (abstract) mesh a traced array is laid out on, e.g. that of a parameter given to `jit` with a
     NamedSharding; None outside a mesh (eager single-device arrays, constants)."""
@@ -98,21 +95,14 @@ def mesh_of(x: jax.Array):
 
 
 def shard_batch(x: jax.Array, mesh) -> jax.Array:
-    """Pin activation `x`'s leading dimension to the BATCH_AXES of `mesh` (a no-op without a mesh, or where
-    those axes are trivial or do not divide it).
+    """Pin activation `x`'s leading dimension to the mesh axes of the 'batch' rule in force (see
+    `sharding.constrain`; a no-op without a mesh, or where those axes are trivial or do not divide it).
 
     Without it XLA's sharding propagation may meet a batch-sharded activation and an fsdp-sharded weight
     (its 'embed' dimension over the same 'fsdp' axis) in one matmul and resolve it by replicating the
     activation: gathering the whole global batch on every device and all-reducing partial sums over the
     contraction, instead of gathering the weight (FSDP). Temporaries then grow with the device count."""
-    if mesh is None:
-        return x
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-    ways = math.prod(mesh.shape[a] for a in axes)
-    if not axes or x.shape[0] % ways:
-        return x
-    spec = jax.sharding.PartitionSpec(axes if len(axes) > 1 else axes[0], *([None] * (x.ndim - 1)))
-    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+    return sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1), mesh)
 
 
 def count_params(tree) -> int:

@@ -43,43 +43,14 @@ class MeteorConfig:
             )
 
 
-
-def _check_type(where: str, value: Any, default: Any) -> None:
-    if default is None or value is None:
-        return
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise TypeError(f"config.{where}={value!r} has type {type(value).__name__}, expected {type(default).__name__}")
-
-
-def config_from_dict(model: Mapping[str, Mapping[str, Any]], prefix: str = "model") -> MeteorConfig:
-    """Build a MeteorConfig from plain mappings (e.g. `config.model` of an ml_collections file).
-
-    Unknown sections or fields and ill-typed values raise an error that names the field.
-    """
+def config_from_dict(model: Mapping[str, Mapping[str, Any]]) -> MeteorConfig:
+    """A MeteorConfig from plain mappings of its sections' fields (e.g. `config.model` of a run config, which
+    `meteor_jax.config.validate` has checked field by field)."""
     hints = typing.get_type_hints(MeteorConfig)
     unknown = set(model) - set(hints)
     if unknown:
-        raise KeyError(f"config.{prefix}: unknown section(s) {sorted(unknown)}; known: {sorted(hints)}")
-    sections = {}
-    for name, cls in hints.items():
-        values = dict(model.get(name, {}))
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        bad = set(values) - set(fields)
-        if bad:
-            raise KeyError(f"config.{prefix}.{name}: unknown field(s) {sorted(bad)}; known: {sorted(fields)}")
-        defaults = cls()
-        for key, value in values.items():
-            _check_type(f"{prefix}.{name}.{key}", value, getattr(defaults, key))
-        sections[name] = cls(**values)
-    return MeteorConfig(**sections)
+        raise ValueError(f"unknown model section(s) {sorted(unknown)}; known: {sorted(hints)}")
+    return MeteorConfig(**{name: cls(**dict(model.get(name, {}))) for name, cls in hints.items()})
 
 
 def splice_image_tokens(embeddings: jax.Array, image_tokens: jax.Array, image_mask: jax.Array) -> jax.Array:

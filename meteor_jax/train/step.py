@@ -85,6 +85,7 @@ def make_train_step(
     """
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    rules = sharding.DEFAULT_RULES if rules is None else rules
     batch_spec = _batch_spec(mesh, rules)
     replicated = NamedSharding(mesh, P())
     trained_shardings, _, _ = _partition(labels, shardings.params)
@@ -93,7 +94,8 @@ def make_train_step(
         trained, frozen, join = _partition(labels, state.params)
 
         def loss_fn(trained_params, micro):
-            return nnx.merge(graphdef, join(trained_params, frozen)).loss(micro)  # (sum NLL, token count)
+            with sharding.logical_rules(rules):  # activation constraints under the same rules as the parameters
+                return nnx.merge(graphdef, join(trained_params, frozen)).loss(micro)  # (sum NLL, token count)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if micro_batches == 1:
@@ -143,9 +145,11 @@ def make_train_step(
 def make_eval_step(graphdef: nnx.GraphDef, param_shardings, mesh: Mesh, *, rules: Mapping | None = None):
     """`eval_step(params, batch) -> (sum NLL, token count)`, jit-compiled; sums so callers can pool batches."""
     replicated = NamedSharding(mesh, P())
+    rules = sharding.DEFAULT_RULES if rules is None else rules
 
     def eval_step(params, batch):
-        return nnx.merge(graphdef, params).loss(batch)
+        with sharding.logical_rules(rules):
+            return nnx.merge(graphdef, params).loss(batch)
 
     return jax.jit(eval_step, in_shardings=(param_shardings, _batch_spec(mesh, rules)),
                    out_shardings=(replicated, replicated))
