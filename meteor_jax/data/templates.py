@@ -8,7 +8,8 @@ comes from the characters it covers. The only split is at each "<image>" placeho
 
 This suits SentencePiece tokenizers (LLaMA/Vicuna, legacy Prepend("▁") normaliser or Metaspace "first"), where a
 piece such as " Red</s>" encodes differently alone than inside the text, as well as byte-level BPE (SmolLM2).
-Labels equal LLaVA's preprocess_v1 / preprocess_plain labels (tests/test_templates_llava.py checks it).
+Ids and labels equal LLaVA's preprocess_v1 / preprocess_plain ones wherever LLaVA is self-consistent
+(tests/test_templates_llava.py checks it on a LLaMA-style tokenizer in both layouts).
 
 A sample is refused with `TokenizationMismatch` (which data/features.py turns into a counted skip with the
 exception's `reason`) only when its labels cannot be exact: a token covers both trained and untrained characters
