@@ -147,32 +147,56 @@ def _trained_tokenizer(model, trainer, pre_tokenizer, corpus, specials=("<pad>",
     return tok
 
 
-def test_mismatch_sentencepiece_style(word_tok):
-    # A LLaMA-like tokenizer (Metaspace, "▁" prepended only at the start of the text): after "</s>" the whole
-    # text has "USER", a segment encoded alone has "▁USER". LLaVA's "tokenization mismatch": we raise.
+def test_sentencepiece_style_whole_text(word_tok):
+    # A LLaMA-like tokenizer (Metaspace, "▁" prepended only at the start of the text): after "</s>" the whole text
+    # has "USER", a segment encoded alone "▁USER". The ids are those of the whole text; labels follow the offsets.
     conv = conversation("What color is the shape?")
     text = tokenize_conversation(conv, "vicuna_v1", word_tok).text
     corpus = [text, "USER: what shape is it? ASSISTANT:"]
     tok = _trained_tokenizer(models.BPE(unk_token="<unk>"), trainers.BpeTrainer,
                              pre_tokenizers.Metaspace(prepend_scheme="first"), corpus)
     tok = Tokenizer(tok, pad_id=0, bos_id=1, eos_id=2, add_bos=True)
-    with pytest.raises(TokenizationMismatch) as err:
-        tokenize_conversation(conv, "vicuna_v1", tok, sample_id="sample-7")
-    whole = tok.encode(text)
-    assert err.value.position == 1 + whole.index(tok.eos_id) + 1  # BOS + ... + </s>, then the first difference
-    assert err.value.template == "vicuna_v1" and "sample-7" in str(err.value)
+    assert tok.encode("USER:") != tok.encode("</s>USER:")[1:]  # the segment-wise encoding would differ
+    tokenized = tokenize_conversation(conv, "vicuna_v1", tok, sample_id="sample-7")
+    assert tokenized.ids == [1] + tok.encode(text)
+    trained = [tok.token(i) for i, label in zip(tokenized.ids, tokenized.labels) if label != IGNORE_INDEX]
+    assert "".join(trained) == "▁red</s>▁circle</s>" and trained[-1] == "</s>"
 
 
-def test_mismatch_merge_across_boundary(word_tok):
-    # eos written as a plain word (not a special token): whitespace splitting glues "red</s>USER:" into one word.
+def test_token_across_label_boundary(word_tok):
+    # eos written as a plain word (not a special token): whitespace splitting glues "red</s>USER:" into one word,
+    # half answer, half prompt: no exact label exists. Raised here, a counted skip in make_features.
     conv = conversation("What color is the shape?")
     text = tokenize_conversation(conv, "vicuna_v1", word_tok).text
     corpus = [text, "red</s> </s>", "USER: what shape is it? ASSISTANT:"]
     tok = _trained_tokenizer(models.WordLevel(unk_token="<unk>"), trainers.WordLevelTrainer,
                              pre_tokenizers.WhitespaceSplit(), corpus, specials=("<pad>", "<unk>"))
     tok = Tokenizer(tok, pad_id=0, eos_id=tok.token_to_id("</s>"))
-    with pytest.raises(TokenizationMismatch, match="vicuna_v1"):
-        tokenize_conversation(conv, "vicuna_v1", tok)
+    with pytest.raises(TokenizationMismatch, match="vicuna_v1.*sample-7.*'red</s>USER:'") as err:
+        tokenize_conversation(conv, "vicuna_v1", tok, sample_id="sample-7")
+    assert err.value.reason == TokenizationMismatch.TOKEN_ACROSS_BOUNDARY == "token across label boundary"
+    assert tok.token(tok.encode(text)[err.value.position]) == "red</s>USER:"
+    with pytest.raises(SkipSample) as skip:
+        make_features({"id": "sample-7", "conversations": conv}, tok, _spec(), image=None)
+    assert skip.value.reason == "token across label boundary" and "sample-7" in str(skip.value)
+
+
+def test_eos_not_one_token(word_tok):
+    # The eos id's text "</s>" is in the vocabulary but not a special token: the text's "</s>" is cut into
+    # punctuation (each an <unk>), all inside the answer, so no token straddles; the model would never see the eos.
+    data = json.loads(word_tok.tokenizer.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "</s>"]
+    tok = Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(data)), pad_id=0, bos_id=1, eos_id=2, add_bos=True)
+    assert tok.eos_token == "</s>" and tok.eos_id not in tok.encode("red</s>")
+    with pytest.raises(TokenizationMismatch, match="not as the eos token") as err:
+        tokenize_conversation(conversation(), "vicuna_v1", tok, sample_id=3)
+    assert err.value.reason == "eos not one token"
+    with pytest.raises(SkipSample, match="eos not one token"):
+        make_features({"id": 3, "conversations": conversation("What is it?")}, tok, _spec(), image=None)
+    # A generation prompt writes no eos after its last turn, but the earlier answers' eos still count.
+    with pytest.raises(TokenizationMismatch):
+        tokenize_conversation(conversation(), "vicuna_v1", tok, add_generation_prompt=True)
+    tokenize_conversation(conversation()[:1], "vicuna_v1", tok, add_generation_prompt=True)
 
 
 def test_instruction_text():

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import sys
+import threading
 
 import easy_vqa as easy_vqa_pkg
 import numpy as np
@@ -206,7 +207,15 @@ def test_image_cache_decodes_each_image_once_and_changes_nothing(mixed_records, 
     assert len({r["image_bytes"] for r in records}) == 4
     decoded = []
     real_decode = images.decode_image
-    monkeypatch.setattr(images, "decode_image", lambda source: decoded.append(source) or real_decode(source))
+    # Only this thread's decodes: earlier tests' iterators leave grain prefetch threads that may still be decoding.
+    here = threading.get_ident()
+
+    def counting_decode(source):
+        if threading.get_ident() == here:
+            decoded.append(source)
+        return real_decode(source)
+
+    monkeypatch.setattr(images, "decode_image", counting_decode)
     plain = [pipeline.RecordToFeatures(tokenizer, SPEC)(r) for r in records]
     assert len(decoded) == len(records)
     decoded.clear()

@@ -10,8 +10,8 @@ from typing import Mapping
 
 import numpy as np
 
-from meteor_jax.data.templates import (IGNORE_INDEX, TEMPLATES, InvalidConversation, instruction_text,
-                                       tokenize_conversation)
+from meteor_jax.data.templates import (IGNORE_INDEX, TEMPLATES, InvalidConversation, TokenizationMismatch,
+                                       instruction_text, tokenize_conversation)
 from meteor_jax.data.tokenizer import Tokenizer
 
 
@@ -95,6 +95,8 @@ def _tokens(record, tokenizer, spec, image, add_generation_prompt):
                                           add_generation_prompt=add_generation_prompt, sample_id=record.get("id"))
     except InvalidConversation as e:
         raise SkipSample("malformed conversation", f"sample {record.get('id')!r}: {e}") from e
+    except TokenizationMismatch as e:  # no exact label mask for this sample: skipped under the mismatch's reason
+        raise SkipSample(e.reason, str(e)) from e
     placeholders = len(tokenized.image_positions)
     if image is None and placeholders:
         # The record names an image the caller could not provide, or the text refers to an image it lacks.

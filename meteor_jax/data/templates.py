@@ -1,9 +1,21 @@
 """Conversation templates: a LLaVA conversation → token ids with an exact label mask.
 
-The text is built segment by segment (prompt parts untrained, answers trained) and each segment is
-encoded on its own, so the label mask cannot drift. The ids are then checked against the encoding of
-the whole rendered text: where a tokenizer merges or respells tokens across a segment boundary, LLaVA
-prints "tokenization mismatch" and silently trains that sample on nothing; we raise `TokenizationMismatch`.
+The template renders the conversation as text in pieces (prompt parts untrained, answers and their eos trained),
+which marks every character trained or not. The rendered text is then encoded ONCE, as a whole, with character
+offsets (`tokenizers` Encoding.offsets), so the ids are exactly the tokenizer's ids for that text; each token's label
+comes from the characters it covers. The only split is at each "<image>" placeholder, which becomes one
+`tokenizer.image_id` while the text around it is encoded chunk by chunk, as LLaVA's tokenizer_image_token does.
+
+This suits SentencePiece tokenizers (LLaMA/Vicuna, legacy Prepend("▁") normaliser or Metaspace "first"), where a
+piece such as " Red</s>" encodes differently alone than inside the text, as well as byte-level BPE (SmolLM2).
+Ids and labels equal LLaVA's preprocess_v1 / preprocess_plain ones wherever LLaVA is self-consistent
+(tests/test_templates_llava.py checks it on a LLaMA-style tokenizer in both layouts).
+
+A sample is refused with `TokenizationMismatch` (which data/features.py turns into a counted skip with the
+exception's `reason`) only when its labels cannot be exact: a token covers both trained and untrained characters
+("token across label boundary", e.g. a word-level tokenizer gluing "red</s>USER:"), or an eos the template wrote is
+not encoded as the single eos token ("eos not one token": the tokenizer does not know its eos as a special token,
+and the model would never learn to stop). LLaVA prints "tokenization mismatch" there and trains the sample on nothing.
 """
 from __future__ import annotations
 
@@ -55,11 +67,17 @@ class InvalidConversation(ValueError):
 
 
 class TokenizationMismatch(ValueError):
-    """Segment-wise ids differ from the whole text's encoding: the template does not suit the tokenizer."""
+    """The tokenizer's tokens do not allow an exact label mask for this sample (see the module docstring).
 
-    def __init__(self, template: str, sample_id, position: int, message: str):
+    `reason`: a short stable string (the skip counter's key), `position`: the index in the ids (BOS included) of the
+    offending token, or of where the eos should be.
+    """
+    TOKEN_ACROSS_BOUNDARY = "token across label boundary"
+    EOS_NOT_ONE_TOKEN = "eos not one token"
+
+    def __init__(self, template: str, sample_id, position: int, message: str, reason: str = TOKEN_ACROSS_BOUNDARY):
         super().__init__(f"template {template!r}, sample {sample_id!r}: {message}")
-        self.template, self.sample_id, self.position = template, sample_id, position
+        self.template, self.sample_id, self.position, self.reason = template, sample_id, position, reason
 
 
 class Tokenized(NamedTuple):
@@ -81,75 +99,96 @@ def tokenize_conversation(conversation: Sequence[Mapping], template: str, tokeni
                           add_generation_prompt: bool = False, sample_id=None) -> Tokenized:
     """Token ids, labels and placeholder positions of a LLaVA conversation ([{from: human|gpt, value}, ...]).
 
-    A BOS id comes first when `tokenizer.add_bos`. With `add_generation_prompt` the last answer is left out and
-    the ids end where the answer would start. Raises `InvalidConversation`, or `TokenizationMismatch` (naming
-    the template, `sample_id` and the first differing position).
+    A BOS id comes first when `tokenizer.add_bos` (as an id, never as text; the tokenizer's own post-processor is
+    not used, so there is exactly one). With `add_generation_prompt` the last answer is left out and the ids are
+    those of the text that ends where the answer would start. A token is trained when all the characters it covers
+    are (answers with the space before them and their eos); a token that covers no character (a prepended "▁")
+    takes the label of the character at its position. Raises `InvalidConversation`, or `TokenizationMismatch`
+    (naming the template, `sample_id`, the token's position and a `reason`).
     """
     if template not in TEMPLATES:
         raise KeyError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
-    segments = _render(conversation, TEMPLATES[template], tokenizer.eos_token, add_generation_prompt)
-    ids = [tokenizer.bos_id] if tokenizer.add_bos else []
-    prefix = len(ids)
-    labels, image_positions = [IGNORE_INDEX] * prefix, []
-    for text, trained in segments:
-        segment_ids, positions = _encode(text, tokenizer)
-        image_positions += [len(ids) + p for p in positions]
-        ids += segment_ids
-        labels += segment_ids if trained else [IGNORE_INDEX] * len(segment_ids)
-    for p in image_positions:  # an image is input, never a target
-        labels[p] = IGNORE_INDEX
+    eos = tokenizer.eos_token
+    pieces = _render(conversation, TEMPLATES[template], eos, add_generation_prompt)
+    text = "".join(piece for piece, _, _ in pieces)
+    trained = bytearray(len(text))  # 1 where the character is trained
+    eos_starts, at = [], 0
+    for piece, is_trained, is_eos in pieces:
+        if is_trained:
+            trained[at:at + len(piece)] = b"\x01" * len(piece)
+        if is_eos:
+            eos_starts.append(at)
+        at += len(piece)
 
-    text = "".join(text for text, _ in segments)
-    whole, _ = _encode(text, tokenizer)
-    if ids[prefix:] != whole:
-        ours = ids[prefix:]
-        first = next((i for i, (a, b) in enumerate(zip(ours, whole)) if a != b), min(len(ours), len(whole)))
-        near = slice(max(first - 3, 0), first + 3)
-        raise TokenizationMismatch(
-            template, sample_id, prefix + first,
-            f"segment-wise tokens differ from the whole text's at token {prefix + first}: "
-            f"{[tokenizer.token(i) for i in ours[near]]} vs {[tokenizer.token(i) for i in whole[near]]}. "
-            "The template's segment boundaries do not survive this tokenizer (LLaVA would silently mask the "
-            "whole sample); use a template made for this tokenizer.")
+    ids = [tokenizer.bos_id] if tokenizer.add_bos else []
+    labels, image_positions = [IGNORE_INDEX] * len(ids), []
+    spans: list[tuple[int, int] | None] = [None] * len(ids)  # each token's [start, end) in text (None: BOS, image)
+    chunk_start = 0
+    for i, chunk in enumerate(text.split(IMAGE_TOKEN)):
+        if i:  # an image is input, never a target
+            image_positions.append(len(ids))
+            ids.append(tokenizer.image_id)
+            labels.append(IGNORE_INDEX)
+            spans.append(None)
+            chunk_start += len(IMAGE_TOKEN)
+        chunk_end = chunk_start + len(chunk)
+        chunk_ids, offsets = tokenizer.encode_with_offsets(chunk) if chunk else ([], [])
+        for token_id, (start, end) in zip(chunk_ids, offsets):
+            start, end = chunk_start + start, chunk_start + end
+            if end > start:
+                covered = sum(trained[start:end])
+                if 0 < covered < end - start:
+                    raise TokenizationMismatch(
+                        template, sample_id, len(ids),
+                        f"token {len(ids)} {tokenizer.token(token_id)!r} covers {text[start:end]!r}, of which only "
+                        f"{covered} of {end - start} characters are trained (context: "
+                        f"{text[max(start - 20, 0):end + 20]!r}): its label cannot be exact. LLaVA would print "
+                        "'tokenization mismatch' and train the sample on nothing; use a template whose answer "
+                        "boundaries this tokenizer keeps.")
+                on = covered > 0
+            else:  # no character of its own: the label of the character at its position, within this chunk
+                on = bool(trained[min(max(start, chunk_start), chunk_end - 1)])
+            spans.append((start, end))
+            ids.append(token_id)
+            labels.append(token_id if on else IGNORE_INDEX)
+        chunk_start = chunk_end
+
+    where = {span: k for k, span in reversed(list(enumerate(spans)))}  # span → index of its first token
+    for start in eos_starts:
+        index = where.get((start, start + len(eos)))
+        if index is None or ids[index] != tokenizer.eos_id:
+            near = [tokenizer.token(t) for t, span in zip(ids, spans)
+                    if span is not None and span[0] < start + len(eos) and span[1] > start]
+            raise TokenizationMismatch(
+                template, sample_id, len(ids) if index is None else index,
+                f"the eos {eos!r} written at character {start} is encoded as {near}, not as the eos token "
+                f"(id {tokenizer.eos_id}): the tokenizer must know {eos!r} as a special token, or the model never "
+                "learns to stop.", reason=TokenizationMismatch.EOS_NOT_ONE_TOKEN)
     return Tokenized(ids, labels, image_positions, text)
 
 
-def _encode(text: str, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
-    """Ids of text with each "<image>" as one `image_id` (the text around it encoded as separate chunks,
-    as LLaVA's tokenizer_image_token does), and the placeholders' positions."""
-    ids, positions = [], []
-    for i, chunk in enumerate(text.split(IMAGE_TOKEN)):
-        if i:
-            positions.append(len(ids))
-            ids.append(tokenizer.image_id)
-        if chunk:
-            ids += tokenizer.encode(chunk)
-    return ids, positions
-
-
-def _render(conversation, template: Template, eos: str, add_generation_prompt: bool) -> list[tuple[str, bool]]:
-    """(text, trained) segments; neighbours with the same flag are joined (only real boundaries remain)."""
+def _render(conversation, template: Template, eos: str, add_generation_prompt: bool) -> list[tuple[str, bool, bool]]:
+    """The rendered text as (text, trained, is_eos) pieces in order; `is_eos` marks each eos the template wrote."""
     rounds = _rounds(conversation, add_generation_prompt)
     if template.image_only_prompt:
         rounds = rounds[:1]
         rounds = [(IMAGE_TOKEN * question.count(IMAGE_TOKEN), None if add_generation_prompt else answer)
                   for question, answer in rounds]
 
-    def fill(pattern: str, content: str) -> str:
-        return pattern.replace("{eos}", eos).replace("{content}", content)
+    def fill(pattern: str, content: str, trained: bool) -> list[tuple[str, bool, bool]]:
+        out = []
+        for k, part in enumerate(pattern.split("{eos}")):
+            if k:
+                out.append((eos, trained, True))
+            out.append((part.replace("{content}", content), trained, False))
+        return out
 
-    segments = [(template.system, False)]
+    pieces = [(template.system, False, False)]
     for question, answer in rounds:
-        segments.append((fill(template.user, question) + template.assistant, False))
+        pieces += fill(template.user + template.assistant, question, False)
         if answer is not None:
-            segments += [(fill(template.answer, answer), True), (template.after_answer, False)]
-    joined = []
-    for text, trained in segments:
-        if joined and joined[-1][1] == trained:
-            joined[-1] = (joined[-1][0] + text, trained)
-        elif text:
-            joined.append((text, trained))
-    return joined
+            pieces += fill(template.answer, answer, True) + [(template.after_answer, False, False)]
+    return [piece for piece in pieces if piece[0]]
 
 
 def _rounds(conversation, add_generation_prompt: bool) -> list[tuple[str, str | None]]:

@@ -62,6 +62,14 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode`'s ids and, for each, the [start, end) character span of `text` it came from (as the
+        `tokenizers` Encoding reports it: byte-fallback or byte-level pieces of one character share its span; a
+        SentencePiece "▁" piece covers the space it stands for, and a "▁" the tokenizer prepended has no character
+        of its own)."""
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(span) for span in encoding.offsets]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
