@@ -36,12 +36,16 @@ def _section(cls, overrides: dict, dtype: str | None) -> ml_collections.ConfigDi
     return ml_collections.ConfigDict(values)
 
 
-def model_config(*, vision: dict, fusion: dict, selection: dict, llm: dict, dtype: str = "float32"):
+def model_config(*, vision: dict, fusion: dict, selection: dict, llm: dict, dtype: str = "float32",
+                 projector: str = "meteor"):
+    """`projector`: "meteor" or a baseline of meteor_jax/models/projectors.py ("mlp", "pool", "cls_prune",
+    "random"); every baseline is the top-level module `fusion`, so `train.trainable=("fusion",)` trains it."""
     return ml_collections.ConfigDict(dict(
         vision=_section(VisionConfig, vision, dtype),
         fusion=_section(FusionConfig, fusion, dtype),
         selection=_section(SelectionConfig, selection, None),
         llm=_section(LLMConfig, llm, dtype),
+        projector=projector,
     ))
 
 
