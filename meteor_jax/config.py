@@ -21,8 +21,10 @@ RUN_DEFAULTS: dict[str, Any] = dict(
     # a tokenizer.json file or a Hugging Face directory.
     tokenizer="",
     # Pretrained weights: local Hugging Face directories (config.json + safetensors) or "gguf:smollm2"/"gguf:PATH"
-    # for the LLM. Empty: random initialisation.
-    weights=dict(vision="", llm=""),
+    # for the LLM. Empty: random initialisation. `llava`: a LlavaForConditionalGeneration directory (llava-hf
+    # LLaVA-1.5) giving the vision tower, the LLM and, for a baseline model.projector, its MLP projector (then
+    # leave vision and llm empty).
+    weights=dict(vision="", llm="", llava=""),
     # Take these modules' weights from another run's checkpoint (stage 2 starts from stage 1's fusion).
     init=dict(checkpoint="", modules=("fusion",)),
     data=dict(

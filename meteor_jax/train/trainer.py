@@ -98,6 +98,13 @@ def _check_loaded(name: str, loaded_cfg, wanted_cfg) -> None:
 def load_pretrained(config, model_cfg: MeteorConfig, mesh, rules) -> dict[str, Any]:
     """{module name: nnx param State} for the modules with configured weights, loaded straight onto the mesh."""
     loaded = {}
+    if config.weights.get("llava"):  # .get: run configs saved before the field existed lack it
+        if config.weights.vision or config.weights.llm:
+            raise ValueError("config.weights.llava holds the vision tower and the LLM: leave config.weights.vision "
+                             "and config.weights.llm empty")
+        from meteor_jax.convert.llava import load_llava
+
+        loaded.update(load_llava(config.weights.llava, model_cfg, mesh=mesh, rules=rules))
     runtime = lambda cfg: {f: getattr(cfg, f) for f in ("dtype", "scan_layers") if hasattr(cfg, f)}  # noqa: E731
     if config.weights.llm:
         spec = config.weights.llm
