@@ -158,6 +158,17 @@ def test_baselines_share_one_parameter_layout_that_shards():
     assert all(s == shapes[0] for s in shapes), "a llava-hf multi_modal_projector must load into every baseline"
 
 
+def test_stage_1_trains_the_baseline_projector():
+    """The stage-1 default `train.trainable=("fusion",)` trains exactly the projector, whichever it is."""
+    from meteor_jax.config import RUN_DEFAULTS
+    from meteor_jax.train.optim import TRAINED, trainable_labels
+
+    model = nnx.eval_shape(lambda: Meteor(_tiny_model_config("cls_prune", 4), rngs=nnx.Rngs(0)))
+    labels = nnx.to_pure_dict(trainable_labels(nnx.state(model, nnx.Param), RUN_DEFAULTS["train"]["trainable"]))
+    trained = {name for name, tree in labels.items() if TRAINED in jax.tree.leaves(tree)}
+    assert trained == {"fusion"} and set(jax.tree.leaves(labels["fusion"])) == {TRAINED}
+
+
 def test_llava_15_7b_projector_size():
     config = meteor_7b.get_config("stage1-keep144")
     for kind, keep in (("mlp", 576), ("pool", 144), ("cls_prune", 64), ("random", 32)):
