@@ -19,13 +19,17 @@ SMOLLM2_135M = dict(vocab_size=49152, dim=576, num_layers=30, num_heads=9, num_k
                     rope_theta=100000.0, rms_norm_eps=1e-5, max_seq_len=8192, tie_embeddings=True)
 
 
-def model_config(*, vision: dict, fusion: dict, selection: dict, llm: dict, dtype: str = "float32"):
+def model_config(*, vision: dict, fusion: dict, selection: dict, llm: dict, dtype: str = "float32",
+                 projector: str = "meteor"):
+    """`projector`: "meteor" or a baseline of meteor_jax/models/projectors.py ("mlp", "pool", "cls_prune",
+    "random"); every baseline is the top-level module `fusion`, so `train.trainable=("fusion",)` trains it."""
     model = config_lib.model_defaults()
     for name, values in dict(vision=vision, fusion=fusion, selection=selection, llm=llm).items():
         if "dtype" in model[name]:
             values = {"dtype": dtype, **values}
         config_lib.merge(model[name], values, f"config.model.{name}")
     model.unlock()
+    model.projector = projector
     return model
 
 

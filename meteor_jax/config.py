@@ -22,8 +22,10 @@ RUN_DEFAULTS: dict[str, Any] = dict(
     # a tokenizer.json file or a Hugging Face directory.
     tokenizer="",
     # Pretrained weights: local Hugging Face directories (config.json + safetensors) or "gguf:smollm2"/"gguf:PATH"
-    # for the LLM. Empty: random initialisation.
-    weights=dict(vision="", llm=""),
+    # for the LLM. Empty: random initialisation. `llava`: a LlavaForConditionalGeneration directory (llava-hf
+    # LLaVA-1.5) giving the vision tower, the LLM and, for a baseline model.projector, its MLP projector (then
+    # leave vision and llm empty).
+    weights=dict(vision="", llm="", llava=""),
     # Take these modules' weights from another run's checkpoint (stage 2 starts from stage 1's fusion).
     init=dict(checkpoint="", modules=("fusion",)),
     data=dict(
@@ -67,7 +69,8 @@ RUN_DEFAULTS: dict[str, Any] = dict(
 def model_defaults() -> ml_collections.ConfigDict:
     """`config.model` with every field of the model dataclasses at its default."""
     return ml_collections.ConfigDict({
-        name: {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
+        name: {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls)
+        else getattr(MeteorConfig(), name)  # a plain field of the model (projector)
         for name, cls in typing.get_type_hints(MeteorConfig).items()})
 
 
@@ -115,6 +118,9 @@ def _cross_field_checks(config: ml_collections.ConfigDict, model: MeteorConfig) 
     if data.max_len > model.llm.max_seq_len:
         raise ValueError(f"config.data.max_len={data.max_len} exceeds config.model.llm.max_seq_len="
                          f"{model.llm.max_seq_len}")
+    if config.weights.llava and (config.weights.vision or config.weights.llm):
+        raise ValueError("config.weights.llava holds the vision tower and the LLM: leave config.weights.vision "
+                         "and config.weights.llm empty")
     for entry in data.balance:
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
                 and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool) and entry[1] >= 0):

@@ -171,6 +171,10 @@ class Run:
         onto the mesh one tensor at a time."""
         weights, model_cfg = self.config.weights, self.model_cfg
         loaded = {}
+        if weights.llava:  # the vision tower, the LLM and a baseline projector's MLP of one llava-hf directory
+            from meteor_jax.convert.llava import load_llava
+
+            loaded.update(load_llava(weights.llava, model_cfg, mesh=self.mesh, rules=self.rules))
         runtime = lambda cfg: {f: getattr(cfg, f) for f in ("dtype", "scan_layers") if hasattr(cfg, f)}  # noqa: E731
         if weights.llm:
             kwargs = dict(mesh=self.mesh, rules=self.rules, remat=model_cfg.llm.remat,

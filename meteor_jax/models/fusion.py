@@ -27,13 +27,21 @@ class FusionConfig:
     expand: int = 2  # inner width E = expand * d
     d_state: int = 16
     dt_rank: int | None = None  # None -> ceil(d / 16), as Mamba
-    local_kernel: int = 3  # depthwise k×k on the grid before the scan; 1 disables the local step
+    local_kernel: int = 3  # depthwise k×k on the grid before the scan; 0 or 1: no local step (ablation)
     scan_window: int = 4  # w: w×w windows in raster order, raster inside; 1 (or the grid size) = plain raster
     bidirectional: bool = True
-    use_instruction: bool = True  # False: visual-only scans (ablation)
+    use_instruction: bool = True  # False: visual-only scans, no instruction parameters (ablation)
     scan_impl: str = "chunked"  # associative | chunked | sequential
     scan_chunk: int = 64
     dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.local_kernel < 0:
+            raise ValueError(f"fusion.local_kernel={self.local_kernel} must be >= 0 (0 or 1: no local step)")
+
+    @property
+    def has_local(self) -> bool:
+        return self.local_kernel > 1
 
     @property
     def inner(self) -> int:
@@ -65,12 +73,14 @@ class FusionBlock(nnx.Module):
         self.norm = RMSNorm(d, eps=1e-5, axis="fusion_embed")
         self.in_proj = dense(d, 2 * e, ("fusion_embed", "fusion_inner"), dtype=dtype, rngs=rngs)
         k = cfg.local_kernel
-        # Depthwise k×k kernel; initialised like Mamba's depthwise conv1d (uniform ±1/sqrt(fan_in)).
-        bound = 1.0 / k
-        self.local_kernel = param(
-            jax.random.uniform(rngs.params(), (k, k, e), jnp.float32, -bound, bound), ("conv", "conv", "fusion_inner")
-        )
-        self.local_bias = param(jnp.zeros((e,), jnp.float32), ("fusion_inner",))
+        if cfg.has_local:
+            # Depthwise k×k kernel; initialised like Mamba's depthwise conv1d (uniform ±1/sqrt(fan_in)).
+            bound = 1.0 / k
+            self.local_kernel = param(jax.random.uniform(rngs.params(), (k, k, e), jnp.float32, -bound, bound),
+                                      ("conv", "conv", "fusion_inner"))
+            self.local_bias = param(jnp.zeros((e,), jnp.float32), ("fusion_inner",))
+        else:  # no local step: no parameters for it
+            self.local_kernel = self.local_bias = None
         ssm_kwargs = dict(d_state=cfg.d_state, dt_rank=cfg.rank, scan_impl=cfg.scan_impl,
                           scan_chunk=cfg.scan_chunk, dtype=cfg.dtype, rngs=rngs)
         self.ssm_forward = SelectiveSSM(e, **ssm_kwargs)
@@ -96,7 +106,7 @@ class FusionBlock(nnx.Module):
         x, z = jnp.split(self.in_proj(self.norm(u)), 2, axis=-1)
         xt, xv = x[:, :num_text], x[:, num_text:]
         xt = jax.nn.silu(xt)
-        xv = jax.nn.silu(self.local(xv) if self.cfg.local_kernel > 1 else xv)
+        xv = jax.nn.silu(self.local(xv) if self.cfg.has_local else xv)
         visual_mask = jnp.ones(xv.shape[:2], bool)
         mask = jnp.concatenate([text_mask, visual_mask], axis=1)
 
@@ -120,8 +130,11 @@ class FlashGlobalFusion(nnx.Module):
         d = cfg.dim
         self.visual_norm = LayerNorm(vision_dim, axis="vision_embed")
         self.visual_in = dense(vision_dim, d, ("vision_embed", "fusion_embed"), use_bias=True, dtype=dtype, rngs=rngs)
-        self.text_norm = LayerNorm(llm_dim, axis="embed")
-        self.text_in = dense(llm_dim, d, ("embed", "fusion_embed"), use_bias=True, dtype=dtype, rngs=rngs)
+        if cfg.use_instruction:
+            self.text_norm = LayerNorm(llm_dim, axis="embed")
+            self.text_in = dense(llm_dim, d, ("embed", "fusion_embed"), use_bias=True, dtype=dtype, rngs=rngs)
+        else:  # the scans never see the instruction: no parameters for it
+            self.text_norm = self.text_in = None
         self.blocks = nnx.List([FusionBlock(cfg, grid, rngs=rngs) for _ in range(cfg.num_layers)])
         self.out_norm = LayerNorm(d, axis="fusion_embed")
         # LLaVA-1.5 mlp2x_gelu: Linear d→d_llm, GELU, Linear d_llm→d_llm.

@@ -1,5 +1,9 @@
 """LLaVA-Meteor: image → vision → Flash Global Fusion(instruction) → Visual-Native Selection →
-K image slots spliced into the token embeddings → LLM → logits, masked next-token loss, generation."""
+K image slots spliced into the token embeddings → LLM → logits, masked next-token loss, generation.
+
+`MeteorConfig.projector` swaps the fusion + selection step for a baseline projector (models/projectors.py:
+LLaVA-1.5's MLP on all tokens, average pooling, [CLS]-attention pruning, random K) on the same pipeline; the
+projector is the top-level module `fusion` either way."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +17,7 @@ from flax import nnx
 from meteor_jax.models.fusion import FlashGlobalFusion, FusionConfig
 from meteor_jax.models.layers import mesh_of, shard_batch
 from meteor_jax.models.llm import LLM, LLMConfig
+from meteor_jax.models.projectors import BaselineProjector, check_projector
 from meteor_jax.models.selection import Selection, SelectionConfig, select
 from meteor_jax.models.vision import VisionConfig, VisionTower
 
@@ -31,9 +36,12 @@ IGNORE_INDEX = -100
 @dataclasses.dataclass(frozen=True)
 class MeteorConfig:
     vision: VisionConfig = VisionConfig()
-    fusion: FusionConfig = FusionConfig()
-    selection: SelectionConfig = SelectionConfig()
+    fusion: FusionConfig = FusionConfig()  # used by projector "meteor" only
+    selection: SelectionConfig = SelectionConfig()  # keep (K) applies to every projector
     llm: LLMConfig = LLMConfig()
+    # How the N patch features become K visual tokens: one of models.projectors.PROJECTORS. A baseline computes
+    # in fusion.dtype and draws `random` with selection.seed.
+    projector: str = "meteor"
 
     def __post_init__(self):
         if self.selection.keep > self.vision.num_patches:
@@ -41,6 +49,7 @@ class MeteorConfig:
                 f"selection.keep={self.selection.keep} exceeds the {self.vision.num_patches} visual tokens "
                 f"of a {self.vision.image_size}px image with {self.vision.patch_size}px patches"
             )
+        check_projector(self.projector, self.selection.keep, self.vision.grid)
 
 
 def config_from_dict(model: Mapping[str, Mapping[str, Any]]) -> MeteorConfig:
@@ -50,7 +59,8 @@ def config_from_dict(model: Mapping[str, Mapping[str, Any]]) -> MeteorConfig:
     unknown = set(model) - set(hints)
     if unknown:
         raise ValueError(f"unknown model section(s) {sorted(unknown)}; known: {sorted(hints)}")
-    return MeteorConfig(**{name: cls(**dict(model.get(name, {}))) for name, cls in hints.items()})
+    return MeteorConfig(**{name: cls(**dict(model[name])) if dataclasses.is_dataclass(cls) else model[name]
+                           for name, cls in hints.items() if name in model})
 
 
 def splice_image_tokens(embeddings: jax.Array, image_tokens: jax.Array, image_mask: jax.Array) -> jax.Array:
@@ -69,9 +79,12 @@ class Meteor(nnx.Module):
     def __init__(self, cfg: MeteorConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.vision = VisionTower(cfg.vision, rngs=rngs)
-        self.fusion = FlashGlobalFusion(
-            cfg.fusion, vision_dim=cfg.vision.width, llm_dim=cfg.llm.dim, grid=cfg.vision.grid, rngs=rngs
-        )
+        dims = dict(vision_dim=cfg.vision.width, llm_dim=cfg.llm.dim, grid=cfg.vision.grid)
+        if cfg.projector == "meteor":
+            self.fusion = FlashGlobalFusion(cfg.fusion, **dims, rngs=rngs)
+        else:  # a baseline: the same module slot (and name) so trainable/init/checkpoints treat it alike
+            self.fusion = BaselineProjector(cfg.projector, **dims, keep=cfg.selection.keep, seed=cfg.selection.seed,
+                                            dtype=cfg.fusion.dtype, rngs=rngs)
         self.llm = LLM(cfg.llm, rngs=rngs)
 
     def visual_tokens(self, pixels: jax.Array, instruction: jax.Array, instruction_mask: jax.Array) -> Selection:
@@ -80,6 +93,8 @@ class Meteor(nnx.Module):
         # batch on every device where they meet fsdp-sharded weights).
         mesh = mesh_of(self.llm.embed.embedding[...])
         features, cls_attention = (shard_batch(x, mesh) for x in self.vision(pixels))
+        if self.cfg.projector != "meteor":  # baselines never look at the instruction
+            return self.fusion(features, cls_attention, pixels)
         text = shard_batch(self.llm.embed_tokens(instruction), mesh)
         fused = shard_batch(self.fusion(features, text, instruction_mask), mesh)
         return select(fused, cls_attention, text, instruction_mask, self.cfg.selection)

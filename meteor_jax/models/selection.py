@@ -4,6 +4,8 @@ Visual expert: the [CLS] attention row of the vision tower (renormalised over pa
 Native expert: softmax over tokens of the mean cosine similarity between each fused token (already in
 the LLM's embedding space) and the valid instruction tokens, at temperature τ.
 K is static, so every shape is static; kept tokens stay in raster order.
+Ablations: `aggregate="visual"` ranks by the visual expert alone, `aggregate="native"` by the native expert alone
+(the straight-through gate then uses that expert's score too).
 """
 from __future__ import annotations
 
@@ -13,16 +15,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-AGGREGATES = ("mean", "rank", "split")
+AGGREGATES = ("mean", "rank", "split", "visual", "native")
 
 
 @dataclasses.dataclass(frozen=True)
 class SelectionConfig:
     keep: int = 144  # K; K = N disables selection
     temperature: float = 0.1  # τ of the native expert
-    aggregate: str = "mean"  # mean | rank | split
+    aggregate: str = "mean"  # mean | rank | split | visual (visual expert only) | native (native expert only)
     alpha: float = 0.5  # weight of the visual expert in `mean` (and in the straight-through gate)
     straight_through: bool = True
+    seed: int = 0  # model.projector="random": the seed of the per-image draw (models/projectors.py)
 
     def __post_init__(self):
         if self.aggregate not in AGGREGATES:
@@ -86,8 +89,13 @@ def select(
         raise ValueError(f"selection.keep={cfg.keep} exceeds the number of visual tokens {n}")
     s_v = visual_expert(cls_attention)
     s_n = native_expert(fused, text, text_mask, cfg.temperature)
-    gate = cfg.alpha * s_v + (1.0 - cfg.alpha) * s_n  # differentiable score for the straight-through gate
-    if cfg.aggregate == "mean":
+    if cfg.aggregate == "visual":
+        gate = s_v
+    elif cfg.aggregate == "native":
+        gate = s_n
+    else:
+        gate = cfg.alpha * s_v + (1.0 - cfg.alpha) * s_n  # differentiable score for the straight-through gate
+    if cfg.aggregate in ("mean", "visual", "native"):
         score = gate
     elif cfg.aggregate == "rank":
         score = _ranks(s_v) + _ranks(s_n)
