@@ -1,0 +1,296 @@
+"""Accuracy against kept visual tokens, projector by projector: every variant trained on the same data for the same
+budget by the main job's own loop, then scored on the config's eval split.
+
+  python -m meteor_jax.study --config configs/demo.py --workdir DIR \
+      --projectors meteor,mlp,pool,cls_prune,random --keep 4,8,16,64 [--config.train.num_steps=600 ...]
+
+Each (variant, K) is a whole run in DIR/VARIANT-kK (results.json, metrics, checkpoints, and its table row
+study_row.json): a study that stops resumes where it stopped, and finished runs are reused. `mlp` (LLaVA-1.5's projector) always sees all N tokens, so it runs
+once whatever --keep says; a variant that cannot keep K tokens (pool needs a square K dividing the grid) is skipped
+with the reason in the table. Writes DIR/study.json, DIR/study.md (the table and the project's targets) and
+DIR/study.png (exact match, train step time and prefill time against kept tokens).
+
+Step time is the median over the run's logged intervals; prefill time is one jitted forward pass over a batch of
+eval prompts (what generation does before its first new token), median of repeats after compilation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+import time
+from typing import Any, Mapping
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from meteor_jax import cli
+
+# Variant name → overrides of config.model. The baselines share the whole pipeline (vision tower, LLM, data, loop).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "meteor": {},
+    "mlp": dict(projector="mlp"),  # LLaVA-1.5 mlp2x_gelu on all N tokens
+    "pool": dict(projector="pool"),  # average pooling to K (M3 / DeCo style)
+    "cls_prune": dict(projector="cls_prune"),  # the K patches the [CLS] token attends to most (FasterVLM style)
+    "random": dict(projector="random"),  # K random patches per image
+    "meteor-visual": dict(selection=dict(aggregate="visual")),  # visual expert only
+    "meteor-native": dict(selection=dict(aggregate="native")),  # native ([CLS]-attention) expert only
+    "meteor-noinstr": dict(fusion=dict(use_instruction=False)),  # no instruction in the fusion
+    "meteor-nolocal": dict(fusion=dict(local_kernel=0)),  # no local step before the scan
+    "meteor-unidir": dict(fusion=dict(bidirectional=False)),  # one scan direction
+}
+
+if __name__ == "__main__":  # flags only for the CLI: tests import run_study next to other entry points' flags
+    config_flags.DEFINE_config_file("config", None, "The run config every variant starts from (`file.py:variant`).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Study directory: one run directory per variant and K, and the tables.",
+                        required=True)
+    flags.DEFINE_list("projectors", ["meteor", "mlp", "pool", "cls_prune", "random"],
+                      f"Variants to train: {', '.join(VARIANTS)}.")
+    flags.DEFINE_list("keep", ["4", "8", "16", "64"], "Kept visual token counts.")
+    flags.DEFINE_integer("prefill_repeats", 5, "Timed prefill passes per variant (after one compiling pass).")
+    FLAGS = flags.FLAGS
+
+
+def _apply(model: dict, overrides: Mapping) -> None:
+    for key, value in overrides.items():
+        if isinstance(value, Mapping):
+            _apply(model[key], value)
+        else:
+            model[key] = value
+
+
+def variant_config(config: ml_collections.ConfigDict, variant: str, keep: int) -> ml_collections.ConfigDict:
+    """`config` with the variant's model overrides and K kept tokens (all N for `mlp`). The prompt length moves with
+    the image slots, so the text keeps the room it had (as `Run.with_keep`). Raises ValueError (naming the field)
+    when the variant cannot keep K tokens."""
+    from meteor_jax import config as config_lib
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    raw = config.to_dict()
+    _apply(raw["model"], VARIANTS[variant])
+    base_keep = raw["model"]["selection"]["keep"]
+    vision = raw["model"]["vision"]
+    num_patches = (vision["image_size"] // vision["patch_size"]) ** 2
+    if raw["model"].get("projector") == "mlp":
+        keep = num_patches
+    raw["model"]["selection"]["keep"] = keep
+    raw["data"]["max_len"] += keep - base_keep
+    raw["model"]["llm"]["max_seq_len"] = max(raw["model"]["llm"]["max_seq_len"], raw["data"]["max_len"])
+    checked, _ = config_lib.validate(raw)
+    return checked
+
+
+def plan(config: ml_collections.ConfigDict, variants: list[str], keeps: list[int]) -> list[dict]:
+    """[{variant, keep, name, config | skipped}] in order, `mlp` once (all tokens)."""
+    rows, seen = [], set()
+    for variant in variants:
+        for keep in keeps:
+            try:
+                cfg = variant_config(config, variant, keep)
+            except ValueError as e:
+                if variant not in VARIANTS:
+                    raise
+                rows.append(dict(variant=variant, keep=keep, name=f"{variant}-k{keep}", skipped=str(e)))
+                continue
+            kept = cfg.model.selection.keep
+            if (variant, kept) in seen:
+                continue
+            seen.add((variant, kept))
+            rows.append(dict(variant=variant, keep=kept, name=f"{variant}-k{kept}", config=cfg))
+    return rows
+
+
+def step_seconds(workdir) -> float | None:
+    """Median train step time over the run's logged intervals (metrics.jsonl), None when none was logged."""
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    times = [m["step_time"] for m in map(json.loads, path.read_text().splitlines()) if "step_time" in m]
+    return statistics.median(times) if times else None
+
+
+def prefill_seconds(config: ml_collections.ConfigDict, workdir, repeats: int) -> float:
+    """One jitted forward pass (vision → projector → LLM over the whole prompt) over a batch of eval prompts, median
+    of `repeats` after a compiling pass. Random weights: the time does not depend on their values."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from meteor_jax import sharding
+    from meteor_jax.eval import answering
+    from meteor_jax.run import Run
+
+    job = Run.from_config(config)
+    source = job.source(config.data.eval, workdir)
+    tokenizer = job.tokenizer(workdir)  # the run's own (saved in its workdir by training)
+    rows = [answering.prompt_features(answering.prompt_record(source[i % len(source)]), tokenizer, job.spec)
+            for i in range(config.eval.batch_size)]
+    batch = sharding.global_batch({k: np.stack([r[k] for r in rows]) for k in rows[0]}, job.mesh, job.rules)
+    graphdef, params = job.random_params()
+
+    @jax.jit
+    def forward(params, batch):
+        with sharding.logical_rules(job.rules):
+            return nnx.merge(graphdef, params)(batch)
+
+    jax.block_until_ready(forward(params, batch))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(forward(params, batch))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_study(config: ml_collections.ConfigDict, workdir, variants: list[str], keeps: list[int], *,
+              prefill_repeats: int = 5) -> list[dict]:
+    """Train and score every (variant, K) of the plan (reusing finished runs); write the study files; return rows."""
+    from meteor_jax import paths
+    from meteor_jax.train import trainer
+
+    if not config.data.eval:
+        raise ValueError("config.data.eval is empty: a study scores every variant on an eval split")
+    workdir = paths.workdir_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = ml_collections.ConfigDict(config.to_dict())
+    if not config.data.data_dir:  # one tfds build for all the variants
+        config.data.data_dir = str(workdir / "tfds")
+    rows = plan(config, variants, keeps)
+    todo = [r for r in rows if "config" in r]
+    logging.info("study: %d runs (%s)%s", len(todo), ", ".join(r["name"] for r in todo),
+                 "".join(f"; skipped {r['name']}: {r['skipped']}" for r in rows if "skipped" in r))
+    out = []
+    for i, row in enumerate(rows):
+        if "skipped" in row:
+            out.append({k: row[k] for k in ("variant", "keep", "name", "skipped")})
+            continue
+        cfg, run_dir = row["config"], workdir / row["name"]
+        row_path = run_dir / "study_row.json"
+        fingerprint = hashlib.sha256(cfg.to_json_best_effort(sort_keys=True).encode()).hexdigest()[:16]
+        if row_path.exists():
+            out.append(json.loads(row_path.read_text()))
+            if out[-1].get("config_sha256") != fingerprint:
+                raise ValueError(f"{run_dir} was trained with another config than this study's {row['name']}: "
+                                 "use a new --workdir, or delete that run to retrain it")
+            logging.info("study %d/%d %s: reusing %s", i + 1, len(rows), row["name"], row_path)
+            continue
+        t0 = time.perf_counter()
+        logging.info("study %d/%d %s: training %d steps", i + 1, len(rows), row["name"], cfg.train.num_steps)
+        results = trainer.run(cfg, run_dir)  # resumes from the run's latest checkpoint if it stopped
+        prefill = prefill_seconds(cfg, run_dir, prefill_repeats)
+        out.append(dict(variant=row["variant"], keep=row["keep"], name=row["name"],
+                        tokens_total=results["visual_tokens_total"],
+                        token_fraction=row["keep"] / results["visual_tokens_total"],
+                        exact_match=results["test_accuracy"], test_examples=results["test_examples"],
+                        train_steps=results["train_steps"], final_train_loss=results["final_train_loss"],
+                        step_seconds=step_seconds(run_dir), prefill_seconds=prefill,
+                        prefill_batch=cfg.eval.batch_size, projector_params=results["parameters"].get("fusion", 0),
+                        config_sha256=fingerprint))
+        row_path.write_text(json.dumps(out[-1], indent=2))
+        logging.info("study %s: exact match %.4f, %.3f s/step, prefill %.1f ms (%.0f s)", row["name"],
+                     out[-1]["exact_match"], out[-1]["step_seconds"] or math.nan, 1e3 * prefill,
+                     time.perf_counter() - t0)
+    summary = dict(config=config.to_dict(), rows=out, targets=targets(out))
+    (workdir / "study.json").write_text(json.dumps(summary, indent=2, default=str))
+    (workdir / "study.md").write_text(markdown(out, summary["targets"], source=config.data.eval))
+    plot(out, workdir / "study.png")
+    return out
+
+
+def _best(rows: list[dict], variant: str, fraction: float) -> dict | None:
+    """The variant's run whose kept fraction is closest to `fraction` (within a factor 1.5), or None."""
+    runs = [r for r in rows if r["variant"] == variant and "exact_match" in r
+            and abs(math.log(r["token_fraction"] / fraction)) <= math.log(1.5)]
+    return min(runs, key=lambda r: abs(math.log(r["token_fraction"] / fraction)), default=None)
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The project's promises, checked where the study has the runs: Meteor at ~25% of the tokens within 0.5 points
+    of the all-token LLaVA projector; Meteor above random, pooling and [CLS] pruning at ~6% of the tokens."""
+    checks = []
+    mlp, meteor_25 = _best(rows, "mlp", 1.0), _best(rows, "meteor", 0.25)
+    if mlp and meteor_25:
+        gap = mlp["exact_match"] - meteor_25["exact_match"]
+        checks.append(dict(target=f"meteor at {meteor_25['keep']}/{meteor_25['tokens_total']} tokens within 0.5 "
+                                  "points of mlp on all tokens",
+                           value=f"{meteor_25['exact_match']:.4f} vs {mlp['exact_match']:.4f}",
+                           met=gap <= 0.005))
+    meteor_6 = _best(rows, "meteor", 1 / 16)
+    for baseline in ("random", "pool", "cls_prune"):
+        other = _best(rows, baseline, 1 / 16)
+        if meteor_6 and other and other["keep"] == meteor_6["keep"]:
+            checks.append(dict(target=f"meteor beats {baseline} at {meteor_6['keep']}/{meteor_6['tokens_total']} "
+                                      "tokens",
+                               value=f"{meteor_6['exact_match']:.4f} vs {other['exact_match']:.4f}",
+                               met=meteor_6["exact_match"] > other["exact_match"]))
+    return checks
+
+
+def markdown(rows: list[dict], checks: list[dict], source: str) -> str:
+    lines = [f"Exact match on `{source}`, each variant trained with the same config and budget.", "",
+             "| variant | kept tokens | exact match | train step (s) | prefill (ms / batch) | projector params | "
+             "final train loss |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['variant']} | {r['keep']} | skipped: {r['skipped']} | | | | |")
+            continue
+        step = f"{r['step_seconds']:.3f}" if r["step_seconds"] is not None else "–"
+        loss = f"{r['final_train_loss']:.3f}" if r["final_train_loss"] is not None else "–"
+        lines.append(f"| {r['variant']} | {r['keep']}/{r['tokens_total']} ({100 * r['token_fraction']:.0f}%) | "
+                     f"{r['exact_match']:.4f} | {step} | {1e3 * r['prefill_seconds']:.1f} / {r['prefill_batch']} | "
+                     f"{r['projector_params']:,} | {loss} |")
+    if checks:
+        lines += ["", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {c['target']} | {c['value']} | {'yes' if c['met'] else 'no'} |" for c in checks]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "exact_match" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = (("exact_match", "exact match", 1), ("step_seconds", "train step (s)", 1),
+              ("prefill_seconds", "prefill (ms per batch)", 1e3))
+    for ax, (key, label, scale) in zip(axes, panels):
+        for variant in dict.fromkeys(r["variant"] for r in done):
+            points = sorted((r["keep"], r[key] * scale) for r in done if r["variant"] == variant and r[key] is not None)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=variant)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("visual tokens kept")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    with path.open("wb") as f:  # a local path or a gs:// URL (etils epath)
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.setup_logging()
+    unknown = [v for v in FLAGS.projectors if v not in VARIANTS]
+    if unknown:
+        raise app.UsageError(f"--projectors: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    try:
+        keeps = [int(k) for k in FLAGS.keep]
+    except ValueError:
+        raise app.UsageError(f"--keep must be integers, got {FLAGS.keep}") from None
+    if not keeps or min(keeps) < 1:
+        raise app.UsageError(f"--keep needs positive token counts, got {FLAGS.keep}")
+    rows = run_study(FLAGS.config, FLAGS.workdir, FLAGS.projectors, keeps, prefill_repeats=FLAGS.prefill_repeats)
+    print(markdown(rows, targets(rows), FLAGS.config.data.eval))
+
+
+if __name__ == "__main__":
+    app.run(main)

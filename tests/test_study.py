@@ -1,0 +1,81 @@
+"""The projector study: variant configs, the target checks, and a whole study end to end on a tiny budget."""
+import json
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from meteor_jax import study
+from meteor_jax.data.tfds import easy_vqa_source
+
+
+def test_variant_config_moves_the_prompt_with_the_image_slots():
+    config = tiny.get_config()  # 32px images, 8px patches: N = 16, keep 4, max_len 32
+    meteor = study.variant_config(config, "meteor", 9)
+    assert (meteor.model.selection.keep, meteor.data.max_len, meteor.model.projector) == (9, 37, "meteor")
+    mlp = study.variant_config(config, "mlp", 2)  # LLaVA-1.5's projector always sees all N tokens
+    assert (mlp.model.selection.keep, mlp.data.max_len, mlp.model.projector) == (16, 44, "mlp")
+    ablation = study.variant_config(config, "meteor-nolocal", 4)
+    assert ablation.model.fusion.local_kernel == 0 and ablation.model.fusion.bidirectional
+    assert study.variant_config(config, "meteor-unidir", 4).model.fusion.bidirectional is False
+    assert study.variant_config(config, "meteor-native", 4).model.selection.aggregate == "native"
+    assert config.model.selection.keep == 4 and config.model.projector == "meteor"  # the base config is untouched
+    with pytest.raises(ValueError, match="unknown variant 'fgf'"):
+        study.variant_config(config, "fgf", 4)
+    with pytest.raises(ValueError, match=r"keep=2 must be one of \[1, 4, 16\]"):
+        study.variant_config(config, "pool", 2)
+    names = [(r["name"], "skipped" in r) for r in study.plan(config, ["mlp", "pool"], [2, 4])]
+    assert names == [("mlp-k16", False), ("pool-k2", True), ("pool-k4", False)]  # mlp once
+
+
+def _row(variant, keep, exact_match, total=64):
+    return dict(variant=variant, keep=keep, tokens_total=total, token_fraction=keep / total, exact_match=exact_match)
+
+
+def test_targets_compare_meteor_with_the_baselines():
+    rows = [_row("mlp", 64, 0.900), _row("meteor", 16, 0.896), _row("meteor", 4, 0.80), _row("random", 4, 0.81),
+            _row("pool", 4, 0.70), _row("cls_prune", 8, 0.5)]
+    checks = {c["target"]: (c["value"], c["met"]) for c in study.targets(rows)}
+    assert checks == {
+        "meteor at 16/64 tokens within 0.5 points of mlp on all tokens": ("0.8960 vs 0.9000", True),
+        "meteor beats random at 4/64 tokens": ("0.8000 vs 0.8100", False),
+        "meteor beats pool at 4/64 tokens": ("0.8000 vs 0.7000", True),
+    }  # cls_prune ran at another K: not compared
+    rows[1] = _row("meteor", 16, 0.894)
+    assert not study.targets(rows)[0]["met"]
+
+
+def test_study_end_to_end(tmp_path, easy_vqa_data_dir):
+    config = tiny.get_config()
+    config.data.update(data_dir=easy_vqa_data_dir, train="easy_vqa:train[:256]", eval="easy_vqa:test[:32]")
+    config.train.update(num_steps=2, log_every=1, checkpoint_every=2)
+    config.eval.update(num_examples=32, batch_size=32)
+    workdir = tmp_path / "study"
+    # The baselines without the fusion compile fastest; Meteor's own runs are the main job's tests.
+    rows = study.run_study(config, workdir, ["mlp", "pool"], [2, 4], prefill_repeats=1)
+    assert [(r["name"], "skipped" in r) for r in rows] == [("mlp-k16", False), ("pool-k2", True), ("pool-k4", False)]
+    test = easy_vqa_source("test", easy_vqa_data_dir)
+    gold = {test[i]["id"]: test[i]["conversations"][1]["value"].lower() for i in range(32)}
+    for row in (rows[0], rows[2]):
+        run_dir = workdir / row["name"]
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["visual_tokens_kept"] == row["keep"] and results["train_steps"] == 2
+        answers = [json.loads(line) for line in (run_dir / "answers.jsonl").read_text().splitlines()]
+        assert sorted(a["question_id"] for a in answers) == sorted(gold)
+        independent = np.mean([a["text"].strip().lower() == gold[a["question_id"]] for a in answers])
+        assert row["exact_match"] == pytest.approx(independent)
+        assert row["step_seconds"] > 0 and row["prefill_seconds"] > 0 and row["prefill_batch"] == 32
+    assert rows[0]["projector_params"] == rows[2]["projector_params"]  # both LLaVA-1.5's MLP
+    table = (workdir / "study.md").read_text()
+    assert "| pool | 4/16 (25%) |" in table and "| mlp | 16/16 (100%) |" in table and "| pool | 2 | skipped: " in table
+    assert [r["name"] for r in json.loads((workdir / "study.json").read_text())["rows"]] == [r["name"] for r in rows]
+    assert (workdir / "study.png").stat().st_size > 1000
+
+    # A second study over the same directory reuses the finished runs: nothing is trained again.
+    written = (workdir / "pool-k4" / "results.json").stat().st_mtime_ns  # trainer.run would rewrite it
+    again = study.run_study(config, workdir, ["pool", "mlp"], [4], prefill_repeats=1)
+    assert again == [rows[2], rows[0]]
+    assert (workdir / "pool-k4" / "results.json").stat().st_mtime_ns == written
+    config.train.lr = 3e-3  # another budget or recipe over the same directory is refused, not mixed in
+    with pytest.raises(ValueError, match="pool-k4 was trained with another config"):
+        study.run_study(config, workdir, ["pool"], [4])
