@@ -23,3 +23,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
     assert jax.device_count() == 8, f"expected 8 forced CPU devices, got {jax.devices()}"
+
+
+@pytest.fixture(scope="session")
+def easy_vqa_data_dir(tmp_path_factory) -> str:
+    """easy-vqa as tfds (the full build), once for the whole suite; tests only read it."""
+    from meteor_jax.data import tfds as our_tfds
+
+    path = tmp_path_factory.mktemp("easy_vqa_tfds")
+    our_tfds.easy_vqa_builder(path)
+    return str(path)

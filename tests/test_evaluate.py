@@ -22,8 +22,8 @@ NUM_QUESTIONS = 24
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
+def data_dir(easy_vqa_data_dir):
+    return easy_vqa_data_dir
 
 
 @pytest.fixture(scope="module")

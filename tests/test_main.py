@@ -18,8 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
+def data_dir(easy_vqa_data_dir):
+    return easy_vqa_data_dir
 
 
 def test_demo_config_runs_end_to_end(tmp_path, data_dir):

@@ -12,7 +12,6 @@ import time
 import pytest
 
 from configs import tiny
-from meteor_jax.data import tfds as our_tfds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 5  # checkpoints at 2, 4 and 5 (the final one)
@@ -104,11 +103,9 @@ def _compilation_cache(path: str):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """easy-vqa as tfds, built once here so the processes only read it."""
-    path = str(tmp_path_factory.mktemp("tfds"))
-    our_tfds.easy_vqa_source("train", path)
-    return path
+def data_dir(easy_vqa_data_dir):
+    """easy-vqa as tfds, built before the processes start so they only read it."""
+    return easy_vqa_data_dir
 
 
 def test_two_processes_match_one_and_resume_in_one(tmp_path, data_dir):

@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import logging
+import pathlib
 import sys
 import threading
 
@@ -24,10 +25,8 @@ SPEC = FeatureSpec(max_len=64, instruction_len=16, num_image_tokens=4, image_siz
 
 
 @pytest.fixture(scope="module")
-def easy_vqa_dir(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("tfds")
-    our_tfds.easy_vqa_builder(data_dir)  # the full build, once for the module
-    return data_dir
+def easy_vqa_dir(easy_vqa_data_dir):
+    return pathlib.Path(easy_vqa_data_dir)  # the full build, once for the suite (conftest)
 
 
 @pytest.fixture(scope="module")

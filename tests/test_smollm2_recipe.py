@@ -25,10 +25,10 @@ def _params(workdir, step):
         return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
 
 
-def test_two_stage_recipe(tmp_path):
+def test_two_stage_recipe(tmp_path, easy_vqa_data_dir):
     from meteor_jax.train import trainer
 
-    data_dir = str(tmp_path / "tfds")
+    data_dir = easy_vqa_data_dir
     stage1, stage2 = str(tmp_path / "stage1"), str(tmp_path / "stage2")
     config = _config("stage1", data_dir)
     config.data.eval = ""  # stage 2 evaluates; one SmolLM2 generation compile is enough for the suite's time
