@@ -50,6 +50,8 @@ def _detect(rgb: np.ndarray) -> list[dict]:
         patch = rgb[r0:r0 + cell, c0:c0 + cell].astype(int)
         mask = np.abs(patch - background).max(-1) > 30
         ys, xs = np.nonzero(mask)
+        if not len(ys):
+            continue  # an empty quadrant (training images may hold fewer than four objects)
         y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
         median = np.median(patch[mask], axis=0)
         colour = list(shapes.COLOURS)[int(np.argmin(((palette - median) ** 2).sum(-1)))]
@@ -85,15 +87,21 @@ def _solve(question: str, objects: list[dict]) -> str:
     raise AssertionError(f"unexpected question {question!r}")
 
 
-def test_every_answer_is_read_from_the_named_objects_pixels():
+@pytest.mark.parametrize("objects", [(4,), (1, 2, 3, 4)])
+def test_every_answer_is_read_from_the_named_objects_pixels(objects):
     """Generated answers equal what a pixel-level solver reads from the named object's region, and the recorded
     bounding box is that object's."""
-    images, records = shapes.make_split("train", 150, seed=11, questions_per_image=16)
-    assert len(records) == 150 * 16 and len({r["id"] for r in records}) == len(records)
+    images, records = shapes.make_split("train", 150, seed=11, questions_per_image=16, objects=objects)
+    assert len({r["id"] for r in records}) == len(records)
+    assert len(records) == sum(4 * r["num_objects"] for r in records[::1] if r["id"].endswith("_0"))
     detected = {name: _detect(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))) for name, data in images.items()}
-    for name, objects in detected.items():
-        assert sorted(o["shape"] for o in objects) == sorted(shapes.SHAPES), name
-        assert len({o["colour"] for o in objects}) == 4, name
+    counts = {r["image"]: r["num_objects"] for r in records}
+    assert set(counts.values()) == set(objects)
+    for name, found in detected.items():
+        assert len(found) == counts[name], name
+        assert len({o["shape"] for o in found}) == len({o["colour"] for o in found}) == len(found), name
+        if len(found) == 4:
+            assert sorted(o["shape"] for o in found) == sorted(shapes.SHAPES), name
     for r in records:
         question, answer = shapes.question_text(r), shapes.answer_text(r)
         objects = detected[r["image"]]
@@ -101,10 +109,11 @@ def test_every_answer_is_read_from_the_named_objects_pixels():
         target = next(o for o in objects if o["position"] == r["target"]["position"])
         assert target["bbox"] == r["target"]["bbox"], r["id"]
         assert (target["shape"], target["colour"]) == (r["target"]["shape"], r["target"]["colour"])
-    # 16 questions per image: every (type, object) pair exactly once
-    for i in range(3):
-        asked = {(r["question_type"], r["target"]["position"]) for r in records[16 * i:16 * (i + 1)]}
-        assert len(asked) == 16
+    # 16 questions per image (at most 4 per object): every (type, object) pair exactly once
+    by_image = {}
+    for r in records:
+        by_image.setdefault(r["image"], []).append((r["question_type"], r["target"]["position"]))
+    assert all(len(set(asked)) == len(asked) == 4 * counts[name] for name, asked in by_image.items())
 
 
 # ------------------------------------------------------------------------------------------------ determinism
@@ -153,12 +162,14 @@ def test_files_read_by_llava_json_source_and_the_benchmark_path(dataset):
 
     manifest = json.loads((dataset / "dataset.json").read_text())
     assert manifest["questions"] == dict(train=160, test=40)
+    assert manifest["args"]["train_objects"] == [1, 2, 3, 4] and manifest["args"]["test_objects"] == [4]
     source = LlavaJsonSource(dataset / "train.json", dataset / "images")
     assert len(source) == 160
     record = source[0]
     assert record["conversations"][0]["value"].startswith("<image>\n") and record["image_bytes"] is not None
     assert Image.open(io.BytesIO(record["image_bytes"])).size == (64, 64)
     test = LlavaJsonSource(dataset / "test.json", dataset / "images")
+    assert all(test[i]["num_objects"] == 4 for i in range(len(test)))
     ground_truth = benchmarks.load_ground_truth(dataset / "test_ground_truth.jsonl")
     assert set(ground_truth) == {r["id"] for r in (test[i] for i in range(len(test)))}
     questions = answering.read_questions(str(dataset / "test_questions.jsonl"), str(dataset / "images"))
@@ -222,13 +233,16 @@ def test_config_generates_its_dataset_and_every_sample_fits(tmp_path, monkeypatc
 def test_cli_writes_the_dataset(tmp_path):
     out = tmp_path / "cli"
     result = subprocess.run([sys.executable, "-m", "meteor_jax.data.shapes", "--out", str(out), "--train", "3",
-                             "--test", "2", "--seed", "1", "--image_size", "48"], cwd=REPO, capture_output=True,
+                             "--test", "2", "--seed", "1", "--image_size", "48",
+                             "--train_objects", "2", "--test_objects", "3"], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "wrote 12 train and 8 test questions" in result.stdout
     assert "shapes train" in result.stderr  # the progress bar
     assert Image.open(out / "images" / "test_000001.png").size == (48, 48)
     assert len((out / "test_questions.jsonl").read_text().splitlines()) == 8
+    args = json.loads((out / "dataset.json").read_text())["args"]
+    assert (args["train_objects"], args["test_objects"], args["image_size"]) == ([2], [3], 48)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -239,6 +253,9 @@ def test_cli_writes_the_dataset(tmp_path):
     (["--train", "2", "--test", "1", "--questions_per_image", "17"], r"--questions_per_image must be in \[1, 16\]"),
     (["--train", "two", "--test", "1"], "argument --train: invalid int value"),
     (["--test", "1"], "the following arguments are required: --train"),
+    (["--train", "2", "--test", "1", "--train_objects", "0,4"], r"--train_objects must be .* in \[1, 4\]"),
+    (["--train", "2", "--test", "1", "--test_objects", "5"], r"--test_objects must be .* in \[1, 4\]"),
+    (["--train", "2", "--test", "1", "--train_objects", "1,two"], "expected comma-separated integers"),
 ])
 def test_cli_errors(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:

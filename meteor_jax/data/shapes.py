@@ -2,11 +2,14 @@
 that object's region answers it, so the visual tokens a model needs depend on the question.
 
     python -m meteor_jax.data.shapes --out /tmp/meteor_shapes --train 10000 --test 1000 --seed 0 [--image_size 64]
+        [--questions_per_image 4] [--train_objects 1,2,3,4] [--test_objects 4]
 
-Each image is a plain grey background with four objects, one per quadrant at a jittered position and size: the
-four shapes (circle, square, triangle, cross) in a random order, each in a different colour drawn from six (red,
-green, blue, yellow, purple, cyan). Questions name an object by its shape or its colour and ask for another of
-its attributes:
+Each test image is a plain grey background with four objects, one per quadrant at a jittered position and size:
+the four shapes (circle, square, triangle, cross) in a random order, each in a different colour drawn from six
+(red, green, blue, yellow, purple, cyan). Training images hold 1 to 4 such objects (`--train_objects`, drawn
+uniformly; the rest of the quadrants empty): a one-object image teaches what a shape, a colour and a quadrant look
+like, the others teach finding the named object among distractors. Questions name an object by its shape or its
+colour and ask for another of its attributes:
 
   colour        What colour is the triangle?           red | green | blue | yellow | purple | cyan
   shape         What shape is the blue object?         circle | square | triangle | cross
@@ -14,9 +17,10 @@ its attributes:
   where_colour  Where is the red object?               top left | ...
 
 Every image gets `questions_per_image` questions (default 4: one of each type, about different objects where
-possible). The named object is drawn uniformly, so within a question type every answer is equally likely and the
-question alone gives no more than the uniform prior (1/6 colour, 1/4 otherwise): `text_prior_accuracy` measures
-the best text-only predictor (the training split's most common answer for each exact question) on the test split.
+possible; at most 4 per object). The named object is drawn uniformly, so within a question type every answer is
+equally likely and the question alone gives no more than the uniform prior (1/6 colour, 1/4 otherwise):
+`text_prior_accuracy` measures the best text-only predictor (the training split's most common answer for each
+exact question) on the test split, and dataset.json records it.
 
 Written under OUT (the files the pipeline and the benchmark path read):
   images/{train,test}_NNNNNN.png   RGB PNGs
@@ -64,6 +68,10 @@ MAX_QUESTIONS_PER_IMAGE = len(QUESTION_TYPES) * len(POSITIONS)  # every (type, o
 COLOUR_JITTER = 12  # each channel of an object's colour moves by at most this much
 BACKGROUND = (170, 235)  # the grey level of the background, uniform in [lo, hi]
 _SPLITS = {"train": 0, "test": 1}
+# Objects per image. Training images hold 1 to 4 objects: with one object the answer is what the whole image
+# shows, with more the model has to find the named one, a curriculum inside every batch. Test images hold 4.
+TRAIN_OBJECTS = (1, 2, 3, 4)
+TEST_OBJECTS = (4,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +114,11 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def make_image(rng: np.random.Generator, image_size: int = 64) -> tuple[Image.Image, list[Obj]]:
-    """One image and its four objects (in quadrant order)."""
+def make_image(rng: np.random.Generator, image_size: int = 64, num_objects: int = 4) -> tuple[Image.Image, list[Obj]]:
+    """One image and its objects (in quadrant order): `num_objects` of the four quadrants, chosen at random, hold
+    one object each, with distinct shapes and distinct colours."""
+    if not 1 <= num_objects <= len(POSITIONS):
+        raise ValueError(f"num_objects must be in [1, {len(POSITIONS)}], got {num_objects}")
     cell = image_size // 2
     bg = int(rng.integers(BACKGROUND[0], BACKGROUND[1] + 1))
     image = Image.new("RGB", (image_size, image_size), (bg, bg, bg))
@@ -115,9 +126,11 @@ def make_image(rng: np.random.Generator, image_size: int = 64) -> tuple[Image.Im
     shapes = rng.permutation(len(SHAPES))
     names = list(COLOURS)
     colours = rng.choice(len(names), size=len(POSITIONS), replace=False)
+    occupied = np.sort(rng.choice(len(POSITIONS), size=num_objects, replace=False))
     objects = []
     margin = max(cell // 16, 1)
-    for k, position in enumerate(POSITIONS):
+    for k in map(int, occupied):
+        position = POSITIONS[k]
         size = int(rng.integers(int(cell * 0.55), int(cell * 0.8) + 1))
         room = cell - 2 * margin - size  # free pixels left in the cell
         ox = (k % 2) * cell + margin + int(rng.integers(0, room + 1))
@@ -137,10 +150,17 @@ def _png(image: Image.Image) -> bytes:
 
 
 def make_split(split: str, num_images: int, seed: int, image_size: int = 64, questions_per_image: int = 4,
-               progress: bool = False) -> tuple[dict[str, bytes], list[dict]]:
-    """The PNG bytes by file name and the LLaVA records of one split (records in image order)."""
+               objects: Sequence[int] | None = None, progress: bool = False) -> tuple[dict[str, bytes], list[dict]]:
+    """The PNG bytes by file name and the LLaVA records of one split (records in image order). Each image holds
+    one of `objects` objects (drawn uniformly; default TRAIN_OBJECTS or TEST_OBJECTS) and gets
+    min(questions_per_image, 4 × its objects) questions."""
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
+    if objects is None:
+        objects = TRAIN_OBJECTS if split == "train" else TEST_OBJECTS
     check_args(num_images=num_images, seed=seed, image_size=image_size, questions_per_image=questions_per_image,
-               allow_zero=True)
+               objects=objects, allow_zero=True)
+    objects = tuple(int(n) for n in objects)
     images, records = {}, []
     steps = range(num_images)
     if progress:
@@ -149,20 +169,21 @@ def make_split(split: str, num_images: int, seed: int, image_size: int = 64, que
         steps = tqdm(steps, desc=f"shapes {split}", unit="image", file=sys.stderr, mininterval=1.0)
     for i in steps:
         rng = np.random.default_rng([seed, _SPLITS[split], i])
-        image, objects = make_image(rng, image_size)
+        num_objects = objects[int(rng.integers(len(objects)))] if len(objects) > 1 else objects[0]
+        image, drawn = make_image(rng, image_size, num_objects)
         name = f"{split}_{i:06d}.png"
         images[name] = _png(image)
         # Question q asks type q % 4 about an object not yet asked with that type (a fresh random order per type).
-        orders = {t: rng.permutation(len(objects)) for t in QUESTION_TYPES}
-        for q in range(questions_per_image):
+        orders = {t: rng.permutation(len(drawn)) for t in QUESTION_TYPES}
+        for q in range(min(questions_per_image, len(QUESTION_TYPES) * len(drawn))):
             qtype = QUESTION_TYPES[q % len(QUESTION_TYPES)]
-            obj = objects[orders[qtype][q // len(QUESTION_TYPES)]]
+            obj = drawn[orders[qtype][q // len(QUESTION_TYPES)]]
             question, answer = _question(qtype, obj)
             records.append(dict(
                 id=f"{split}_{i:06d}_{q}", image=name,
                 conversations=[{"from": "human", "value": f"<image>\n{question}"},
                                {"from": "gpt", "value": answer}],
-                question_type=qtype,
+                question_type=qtype, num_objects=len(drawn),
                 target=dict(shape=obj.shape, colour=obj.colour, position=obj.position, bbox=list(obj.bbox))))
     return images, records
 
@@ -199,7 +220,9 @@ def answer_distribution(records: Iterable[dict]) -> dict[str, dict[str, float]]:
 
 
 def check_args(*, num_images: int | None = None, num_train: int | None = None, num_test: int | None = None,
-               seed: int = 0, image_size: int = 64, questions_per_image: int = 4, allow_zero: bool = False) -> None:
+               seed: int = 0, image_size: int = 64, questions_per_image: int = 4, objects: Sequence[int] = (4,),
+               train_objects: Sequence[int] | None = None, test_objects: Sequence[int] | None = None,
+               allow_zero: bool = False) -> None:
     """ValueError naming the bad argument."""
     if num_train is not None and num_train < 1:
         raise ValueError(f"--train must be at least 1 image, got {num_train}")
@@ -215,6 +238,10 @@ def check_args(*, num_images: int | None = None, num_train: int | None = None, n
     if not 1 <= questions_per_image <= MAX_QUESTIONS_PER_IMAGE:
         raise ValueError(f"--questions_per_image must be in [1, {MAX_QUESTIONS_PER_IMAGE}] (4 question types × 4 "
                          f"objects), got {questions_per_image}")
+    for flag, counts in (("objects", objects), ("--train_objects", train_objects), ("--test_objects", test_objects)):
+        if counts is not None and (not len(counts) or any(not 1 <= int(n) <= len(POSITIONS) for n in counts)):
+            raise ValueError(f"{flag} must be a non-empty list of object counts in [1, {len(POSITIONS)}], "
+                             f"got {list(counts)}")
 
 
 def _write_jsonl(path: str, rows: Iterable[dict]) -> None:
@@ -224,13 +251,14 @@ def _write_jsonl(path: str, rows: Iterable[dict]) -> None:
 
 
 def generate(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int = 0, image_size: int = 64,
-             questions_per_image: int = 4, progress: bool = True) -> dict:
+             questions_per_image: int = 4, train_objects: Sequence[int] = TRAIN_OBJECTS,
+             test_objects: Sequence[int] = TEST_OBJECTS, progress: bool = True) -> dict:
     """Write the dataset under `out` (see the module docstring); returns the manifest (also DIR/dataset.json).
 
     Files are written into a temporary folder next to `out` and moved in at the end, and dataset.json comes last,
     so an interrupted run never leaves a dataset that looks complete. An existing dataset in `out` is replaced."""
     check_args(num_train=num_train, num_test=num_test, seed=seed, image_size=image_size,
-               questions_per_image=questions_per_image)
+               questions_per_image=questions_per_image, train_objects=train_objects, test_objects=test_objects)
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} exists and is not a directory")
@@ -239,8 +267,8 @@ def generate(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int
     try:
         os.makedirs(os.path.join(tmp, "images"))
         splits = {}
-        for split, n in (("train", num_train), ("test", num_test)):
-            images, records = make_split(split, n, seed, image_size, questions_per_image, progress=progress)
+        for split, n, objects in (("train", num_train, train_objects), ("test", num_test, test_objects)):
+            images, records = make_split(split, n, seed, image_size, questions_per_image, objects, progress=progress)
             for name, data in images.items():
                 with open(os.path.join(tmp, "images", name), "wb") as f:
                     f.write(data)
@@ -255,8 +283,7 @@ def generate(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int
                       for r in test))
         manifest = dict(
             generator="meteor_jax.data.shapes", version=VERSION,
-            args=dict(num_train=num_train, num_test=num_test, seed=seed, image_size=image_size,
-                      questions_per_image=questions_per_image),
+            args=_args(num_train, num_test, seed, image_size, questions_per_image, train_objects, test_objects),
             images=dict(train=num_train, test=num_test),
             questions=dict(train=len(splits["train"]), test=len(test)),
             text_prior_accuracy=text_prior_accuracy(splits["train"], test),
@@ -281,12 +308,18 @@ def generate(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int
     return manifest
 
 
+def _args(num_train, num_test, seed, image_size, questions_per_image, train_objects, test_objects) -> dict:
+    return dict(num_train=num_train, num_test=num_test, seed=seed, image_size=image_size,
+                questions_per_image=questions_per_image, train_objects=[int(n) for n in train_objects],
+                test_objects=[int(n) for n in test_objects])
+
+
 def ensure_dataset(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int = 0, image_size: int = 64,
-                   questions_per_image: int = 4, progress: bool = True) -> dict:
+                   questions_per_image: int = 4, train_objects: Sequence[int] = TRAIN_OBJECTS,
+                   test_objects: Sequence[int] = TEST_OBJECTS, progress: bool = True) -> dict:
     """The dataset in `out`: generated when `out` holds no complete dataset (no dataset.json). A complete one made
     with other arguments is an error (never silently replaced or used)."""
-    wanted = dict(num_train=num_train, num_test=num_test, seed=seed, image_size=image_size,
-                  questions_per_image=questions_per_image)
+    wanted = _args(num_train, num_test, seed, image_size, questions_per_image, train_objects, test_objects)
     manifest_path = os.path.join(os.fspath(out), "dataset.json")
     if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
@@ -299,6 +332,13 @@ def ensure_dataset(out: str | os.PathLike, *, num_train: int, num_test: int, see
     return generate(out, progress=progress, **wanted)
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3,4, got {text!r}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m meteor_jax.data.shapes", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -309,11 +349,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image_size", type=int, default=64, help="image side in pixels (even, >= 32)")
     parser.add_argument("--questions_per_image", type=int, default=4,
                         help=f"questions per image, 1..{MAX_QUESTIONS_PER_IMAGE} (cycling through the 4 types)")
+    parser.add_argument("--train_objects", type=_counts, default=TRAIN_OBJECTS,
+                        help="object counts of training images, drawn uniformly per image (comma-separated, each "
+                             f"1..4; default {','.join(map(str, TRAIN_OBJECTS))})")
+    parser.add_argument("--test_objects", type=_counts, default=TEST_OBJECTS,
+                        help=f"object counts of test images (default {','.join(map(str, TEST_OBJECTS))})")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
         manifest = generate(args.out, num_train=args.train, num_test=args.test, seed=args.seed,
                             image_size=args.image_size, questions_per_image=args.questions_per_image,
+                            train_objects=args.train_objects, test_objects=args.test_objects,
                             progress=not args.quiet)
     except ValueError as e:
         parser.error(str(e))  # usage + "error: ..." on stderr, exit status 2
