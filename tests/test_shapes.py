@@ -78,6 +78,10 @@ def _solve(question: str, objects: list[dict]) -> str:
     patterns = [(r"What colour is the (\w+)\?", "shape", "colour"), (r"What shape is the (\w+) object\?", "colour",
                                                                       "shape"),
                 (r"Where is the (\w+) object\?", "colour", "position"), (r"Where is the (\w+)\?", "shape", "position")]
+    for pattern, key in ((r"Is there a (\w+) object\?", "colour"), (r"Is there a (\w+)\?", "shape")):
+        m = re.fullmatch(pattern, question)
+        if m:
+            return "yes" if any(o[key] == m.group(1) for o in objects) else "no"
     for pattern, key, attribute in patterns:
         m = re.fullmatch(pattern, question)
         if m:
@@ -91,9 +95,9 @@ def _solve(question: str, objects: list[dict]) -> str:
 def test_every_answer_is_read_from_the_named_objects_pixels(objects):
     """Generated answers equal what a pixel-level solver reads from the named object's region, and the recorded
     bounding box is that object's."""
-    images, records = shapes.make_split("train", 150, seed=11, questions_per_image=16, objects=objects)
+    images, records = shapes.make_split("train", 150, seed=11, questions_per_image=16, objects=objects, exists=2)
     assert len({r["id"] for r in records}) == len(records)
-    assert len(records) == sum(4 * r["num_objects"] for r in records[::1] if r["id"].endswith("_0"))
+    assert len(records) == sum(4 * r["num_objects"] + 2 for r in records if r["id"].endswith("_0"))
     detected = {name: _detect(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))) for name, data in images.items()}
     counts = {r["image"]: r["num_objects"] for r in records}
     assert set(counts.values()) == set(objects)
@@ -106,13 +110,17 @@ def test_every_answer_is_read_from_the_named_objects_pixels(objects):
         question, answer = shapes.question_text(r), shapes.answer_text(r)
         objects = detected[r["image"]]
         assert _solve(question, objects) == answer, (r["id"], question, answer, objects)
+        if r["target"] is None:
+            assert r["question_type"] == shapes.EXISTS and answer == "no"
+            continue
         target = next(o for o in objects if o["position"] == r["target"]["position"])
         assert target["bbox"] == r["target"]["bbox"], r["id"]
         assert (target["shape"], target["colour"]) == (r["target"]["shape"], r["target"]["colour"])
     # 16 questions per image (at most 4 per object): every (type, object) pair exactly once
     by_image = {}
     for r in records:
-        by_image.setdefault(r["image"], []).append((r["question_type"], r["target"]["position"]))
+        if r["question_type"] != shapes.EXISTS:
+            by_image.setdefault(r["image"], []).append((r["question_type"], r["target"]["position"]))
     assert all(len(set(asked)) == len(asked) == 4 * counts[name] for name, asked in by_image.items())
 
 
@@ -141,12 +149,13 @@ def test_same_seed_same_bytes(tmp_path):
 def test_answer_priors_are_near_uniform_and_the_question_alone_does_not_tell():
     _, train = shapes.make_split("train", 2000, seed=0)
     _, test = shapes.make_split("test", 500, seed=0)
-    assert len(train) == 8000
+    assert len(train) == 10000 and len(test) == 2000  # 4 questions per image + 1 existence question in train
     dist = shapes.answer_distribution(train)
-    assert sorted(dist) == sorted(shapes.QUESTION_TYPES)
+    assert sorted(dist) == sorted(shapes.QUESTION_TYPES + (shapes.EXISTS,))
+    assert sorted(shapes.answer_distribution(test)) == sorted(shapes.QUESTION_TYPES)
     for qtype, answers in dist.items():
         expected = 1 / len(answers)
-        assert len(answers) == (len(shapes.COLOURS) if qtype == "colour" else 4)
+        assert len(answers) == {"colour": len(shapes.COLOURS), shapes.EXISTS: 2}.get(qtype, 4)
         assert max(abs(p - expected) for p in answers.values()) < 0.03, (qtype, answers)
     prior = shapes.text_prior_accuracy(train, test)
     assert prior["all"] < 0.27, prior
@@ -161,10 +170,10 @@ def test_files_read_by_llava_json_source_and_the_benchmark_path(dataset):
     from meteor_jax.eval import answering, benchmarks
 
     manifest = json.loads((dataset / "dataset.json").read_text())
-    assert manifest["questions"] == dict(train=160, test=40)
+    assert manifest["questions"] == dict(train=200, test=40)
     assert manifest["args"]["train_objects"] == [1, 2, 3, 4] and manifest["args"]["test_objects"] == [4]
     source = LlavaJsonSource(dataset / "train.json", dataset / "images")
-    assert len(source) == 160
+    assert len(source) == 200
     record = source[0]
     assert record["conversations"][0]["value"].startswith("<image>\n") and record["image_bytes"] is not None
     assert Image.open(io.BytesIO(record["image_bytes"])).size == (64, 64)
@@ -192,7 +201,7 @@ def test_ensure_dataset_reuses_a_complete_dataset_and_refuses_another(dataset, t
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / "train.json").write_text("[")
     shapes.ensure_dataset(tmp_path / "partial", num_train=2, num_test=1, seed=0, progress=False)
-    assert len(json.loads((tmp_path / "partial" / "train.json").read_text())) == 8
+    assert len(json.loads((tmp_path / "partial" / "train.json").read_text())) == 10
 
 
 def test_config_generates_its_dataset_and_every_sample_fits(tmp_path, monkeypatch):
@@ -237,7 +246,7 @@ def test_cli_writes_the_dataset(tmp_path):
                              "--train_objects", "2", "--test_objects", "3"], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "wrote 12 train and 8 test questions" in result.stdout
+    assert "wrote 15 train and 8 test questions" in result.stdout
     assert "shapes train" in result.stderr  # the progress bar
     assert Image.open(out / "images" / "test_000001.png").size == (48, 48)
     assert len((out / "test_questions.jsonl").read_text().splitlines()) == 8
@@ -256,6 +265,7 @@ def test_cli_writes_the_dataset(tmp_path):
     (["--train", "2", "--test", "1", "--train_objects", "0,4"], r"--train_objects must be .* in \[1, 4\]"),
     (["--train", "2", "--test", "1", "--test_objects", "5"], r"--test_objects must be .* in \[1, 4\]"),
     (["--train", "2", "--test", "1", "--train_objects", "1,two"], "expected comma-separated integers"),
+    (["--train", "2", "--test", "1", "--train_exists", "-1"], "--train_exists must be >= 0"),
 ])
 def test_cli_errors(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:

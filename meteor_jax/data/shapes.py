@@ -2,7 +2,7 @@
 that object's region answers it, so the visual tokens a model needs depend on the question.
 
     python -m meteor_jax.data.shapes --out /tmp/meteor_shapes --train 10000 --test 1000 --seed 0 [--image_size 64]
-        [--questions_per_image 4] [--train_objects 1,2,3,4] [--test_objects 4]
+        [--questions_per_image 4] [--train_objects 1,2,3,4] [--test_objects 4] [--train_exists 1]
 
 Each test image is a plain grey background with four objects, one per quadrant at a jittered position and size:
 the four shapes (circle, square, triangle, cross) in a random order, each in a different colour drawn from six
@@ -17,7 +17,8 @@ colour and ask for another of its attributes:
   where_colour  Where is the red object?               top left | ...
 
 Every image gets `questions_per_image` questions (default 4: one of each type, about different objects where
-possible; at most 4 per object). The named object is drawn uniformly, so within a question type every answer is
+possible; at most 4 per object). Training images also get `--train_exists` (default 1) yes/no questions "Is there a
+red object?" / "Is there a cross?" (half of them yes); the test split has none of them. The named object is drawn uniformly, so within a question type every answer is
 equally likely and the question alone gives no more than the uniform prior (1/6 colour, 1/4 otherwise):
 `text_prior_accuracy` measures the best text-only predictor (the training split's most common answer for each
 exact question) on the test split, and dataset.json records it.
@@ -65,6 +66,11 @@ COLOURS = {  # well separated in RGB, none close to the grey background
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")  # quadrant k: row k // 2, column k % 2
 QUESTION_TYPES = ("colour", "shape", "where_shape", "where_colour")
 MAX_QUESTIONS_PER_IMAGE = len(QUESTION_TYPES) * len(POSITIONS)  # every (type, object) pair once
+# Training images also get yes/no existence questions ("Is there a red object?", "Is there a cross?"; yes for half
+# of them). They need no search, only the named word and what the whole image shows, so they teach the model to
+# carry the question's colour or shape word to the answer early, which finding the named object then builds on.
+EXISTS = "exists"
+TRAIN_EXISTS = 1
 COLOUR_JITTER = 12  # each channel of an object's colour moves by at most this much
 BACKGROUND = (170, 235)  # the grey level of the background, uniform in [lo, hi]
 _SPLITS = {"train": 0, "test": 1}
@@ -150,14 +156,20 @@ def _png(image: Image.Image) -> bytes:
 
 
 def make_split(split: str, num_images: int, seed: int, image_size: int = 64, questions_per_image: int = 4,
-               objects: Sequence[int] | None = None, progress: bool = False) -> tuple[dict[str, bytes], list[dict]]:
+               objects: Sequence[int] | None = None, exists: int | None = None,
+               progress: bool = False) -> tuple[dict[str, bytes], list[dict]]:
     """The PNG bytes by file name and the LLaVA records of one split (records in image order). Each image holds
     one of `objects` objects (drawn uniformly; default TRAIN_OBJECTS or TEST_OBJECTS) and gets
-    min(questions_per_image, 4 × its objects) questions."""
+    min(questions_per_image, 4 × its objects) questions, then `exists` existence questions (default TRAIN_EXISTS
+    for train, 0 for test)."""
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
     if objects is None:
         objects = TRAIN_OBJECTS if split == "train" else TEST_OBJECTS
+    if exists is None:
+        exists = TRAIN_EXISTS if split == "train" else 0
+    if exists < 0:
+        raise ValueError(f"the number of existence questions per image must be >= 0, got {exists}")
     check_args(num_images=num_images, seed=seed, image_size=image_size, questions_per_image=questions_per_image,
                objects=objects, allow_zero=True)
     objects = tuple(int(n) for n in objects)
@@ -175,17 +187,38 @@ def make_split(split: str, num_images: int, seed: int, image_size: int = 64, que
         images[name] = _png(image)
         # Question q asks type q % 4 about an object not yet asked with that type (a fresh random order per type).
         orders = {t: rng.permutation(len(drawn)) for t in QUESTION_TYPES}
+        asked = []
         for q in range(min(questions_per_image, len(QUESTION_TYPES) * len(drawn))):
             qtype = QUESTION_TYPES[q % len(QUESTION_TYPES)]
             obj = drawn[orders[qtype][q // len(QUESTION_TYPES)]]
-            question, answer = _question(qtype, obj)
+            asked.append((qtype, *_question(qtype, obj), obj))
+        for _ in range(exists):
+            asked.append((EXISTS, *_exists_question(rng, drawn)))
+        for q, (qtype, question, answer, obj) in enumerate(asked):
+            target = None if obj is None else dict(shape=obj.shape, colour=obj.colour, position=obj.position,
+                                                   bbox=list(obj.bbox))
             records.append(dict(
                 id=f"{split}_{i:06d}_{q}", image=name,
                 conversations=[{"from": "human", "value": f"<image>\n{question}"},
                                {"from": "gpt", "value": answer}],
-                question_type=qtype, num_objects=len(drawn),
-                target=dict(shape=obj.shape, colour=obj.colour, position=obj.position, bbox=list(obj.bbox))))
+                question_type=qtype, num_objects=len(drawn), target=target))
     return images, records
+
+
+def _exists_question(rng: np.random.Generator, drawn: Sequence[Obj]) -> tuple[str, str, Obj | None]:
+    """"Is there a red object?" / "Is there a cross?": about a drawn object's colour or shape for half of them
+    (answer yes, target that object), else about one no object has (no, no target)."""
+    by_colour = bool(rng.integers(2)) or len(drawn) == len(SHAPES)  # four objects show every shape: ask a colour
+    names = list(COLOURS) if by_colour else list(SHAPES)
+    present = {(o.colour if by_colour else o.shape): o for o in drawn}
+    absent = [n for n in names if n not in present]
+    if rng.random() < 0.5:
+        name, obj = absent[int(rng.integers(len(absent)))], None
+    else:
+        obj = drawn[int(rng.integers(len(drawn)))]
+        name = obj.colour if by_colour else obj.shape
+    question = f"Is there a {name} object?" if by_colour else f"Is there a {name}?"
+    return question, "no" if obj is None else "yes", obj
 
 
 def question_text(record: dict) -> str:
@@ -222,7 +255,7 @@ def answer_distribution(records: Iterable[dict]) -> dict[str, dict[str, float]]:
 def check_args(*, num_images: int | None = None, num_train: int | None = None, num_test: int | None = None,
                seed: int = 0, image_size: int = 64, questions_per_image: int = 4, objects: Sequence[int] = (4,),
                train_objects: Sequence[int] | None = None, test_objects: Sequence[int] | None = None,
-               allow_zero: bool = False) -> None:
+               train_exists: int = 0, allow_zero: bool = False) -> None:
     """ValueError naming the bad argument."""
     if num_train is not None and num_train < 1:
         raise ValueError(f"--train must be at least 1 image, got {num_train}")
@@ -238,6 +271,8 @@ def check_args(*, num_images: int | None = None, num_train: int | None = None, n
     if not 1 <= questions_per_image <= MAX_QUESTIONS_PER_IMAGE:
         raise ValueError(f"--questions_per_image must be in [1, {MAX_QUESTIONS_PER_IMAGE}] (4 question types × 4 "
                          f"objects), got {questions_per_image}")
+    if train_exists < 0:
+        raise ValueError(f"--train_exists must be >= 0, got {train_exists}")
     for flag, counts in (("objects", objects), ("--train_objects", train_objects), ("--test_objects", test_objects)):
         if counts is not None and (not len(counts) or any(not 1 <= int(n) <= len(POSITIONS) for n in counts)):
             raise ValueError(f"{flag} must be a non-empty list of object counts in [1, {len(POSITIONS)}], "
@@ -252,13 +287,15 @@ def _write_jsonl(path: str, rows: Iterable[dict]) -> None:
 
 def generate(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int = 0, image_size: int = 64,
              questions_per_image: int = 4, train_objects: Sequence[int] = TRAIN_OBJECTS,
-             test_objects: Sequence[int] = TEST_OBJECTS, progress: bool = True) -> dict:
+             test_objects: Sequence[int] = TEST_OBJECTS, train_exists: int = TRAIN_EXISTS,
+             progress: bool = True) -> dict:
     """Write the dataset under `out` (see the module docstring); returns the manifest (also DIR/dataset.json).
 
     Files are written into a temporary folder next to `out` and moved in at the end, and dataset.json comes last,
     so an interrupted run never leaves a dataset that looks complete. An existing dataset in `out` is replaced."""
     check_args(num_train=num_train, num_test=num_test, seed=seed, image_size=image_size,
-               questions_per_image=questions_per_image, train_objects=train_objects, test_objects=test_objects)
+               questions_per_image=questions_per_image, train_objects=train_objects, test_objects=test_objects,
+               train_exists=train_exists)
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} exists and is not a directory")
@@ -267,8 +304,10 @@ def generate(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int
     try:
         os.makedirs(os.path.join(tmp, "images"))
         splits = {}
-        for split, n, objects in (("train", num_train, train_objects), ("test", num_test, test_objects)):
-            images, records = make_split(split, n, seed, image_size, questions_per_image, objects, progress=progress)
+        for split, n, objects, exists in (("train", num_train, train_objects, train_exists),
+                                          ("test", num_test, test_objects, 0)):
+            images, records = make_split(split, n, seed, image_size, questions_per_image, objects, exists,
+                                         progress=progress)
             for name, data in images.items():
                 with open(os.path.join(tmp, "images", name), "wb") as f:
                     f.write(data)
@@ -283,10 +322,12 @@ def generate(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int
                       for r in test))
         manifest = dict(
             generator="meteor_jax.data.shapes", version=VERSION,
-            args=_args(num_train, num_test, seed, image_size, questions_per_image, train_objects, test_objects),
+            args=_args(num_train, num_test, seed, image_size, questions_per_image, train_objects, test_objects,
+                       train_exists),
             images=dict(train=num_train, test=num_test),
             questions=dict(train=len(splits["train"]), test=len(test)),
             text_prior_accuracy=text_prior_accuracy(splits["train"], test),
+            train_answer_distribution=answer_distribution(splits["train"]),
             test_answer_distribution=answer_distribution(test))
         for name in os.listdir(tmp):  # replace what an earlier dataset in `out` had under the same names
             target = os.path.join(out, name)
@@ -308,18 +349,21 @@ def generate(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int
     return manifest
 
 
-def _args(num_train, num_test, seed, image_size, questions_per_image, train_objects, test_objects) -> dict:
+def _args(num_train, num_test, seed, image_size, questions_per_image, train_objects, test_objects,
+          train_exists) -> dict:
     return dict(num_train=num_train, num_test=num_test, seed=seed, image_size=image_size,
                 questions_per_image=questions_per_image, train_objects=[int(n) for n in train_objects],
-                test_objects=[int(n) for n in test_objects])
+                test_objects=[int(n) for n in test_objects], train_exists=int(train_exists))
 
 
 def ensure_dataset(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int = 0, image_size: int = 64,
                    questions_per_image: int = 4, train_objects: Sequence[int] = TRAIN_OBJECTS,
-                   test_objects: Sequence[int] = TEST_OBJECTS, progress: bool = True) -> dict:
+                   test_objects: Sequence[int] = TEST_OBJECTS, train_exists: int = TRAIN_EXISTS,
+                   progress: bool = True) -> dict:
     """The dataset in `out`: generated when `out` holds no complete dataset (no dataset.json). A complete one made
     with other arguments is an error (never silently replaced or used)."""
-    wanted = _args(num_train, num_test, seed, image_size, questions_per_image, train_objects, test_objects)
+    wanted = _args(num_train, num_test, seed, image_size, questions_per_image, train_objects, test_objects,
+                   train_exists)
     manifest_path = os.path.join(os.fspath(out), "dataset.json")
     if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
@@ -354,12 +398,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"1..4; default {','.join(map(str, TRAIN_OBJECTS))})")
     parser.add_argument("--test_objects", type=_counts, default=TEST_OBJECTS,
                         help=f"object counts of test images (default {','.join(map(str, TEST_OBJECTS))})")
+    parser.add_argument("--train_exists", type=int, default=TRAIN_EXISTS,
+                        help=f"yes/no existence questions per training image (default {TRAIN_EXISTS}; test: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
         manifest = generate(args.out, num_train=args.train, num_test=args.test, seed=args.seed,
                             image_size=args.image_size, questions_per_image=args.questions_per_image,
                             train_objects=args.train_objects, test_objects=args.test_objects,
+                            train_exists=args.train_exists,
                             progress=not args.quiet)
     except ValueError as e:
         parser.error(str(e))  # usage + "error: ..." on stderr, exit status 2
