@@ -3,13 +3,14 @@
     python -m meteor_jax.main --config configs/shapes.py --workdir /tmp/meteor_shapes_run
     python -m meteor_jax.main --config configs/shapes.py:/data/shapes --workdir ...   # the dataset elsewhere
 
-Each 64×64 image holds four objects (one per quadrant, four shapes, four of six colours) and each question names
-one of them ("What colour is the triangle?", "Where is the red object?"), so which visual tokens matter depends on
-the question, unlike easy-vqa's one-shape images. The config argument is the dataset directory (default
-/tmp/meteor_shapes). If it holds no dataset yet (no dataset.json), loading this config generates one there first:
-10,000 training images × 4 questions and 1,000 test images × 4 questions, seed 0, in about 10 s
-(`python -m meteor_jax.data.shapes --out DIR --train 10000 --test 1000 --seed 0` writes the same files). A
-dataset made with other arguments in DIR is an error, never silently used.
+Each 64×64 test image holds four objects (one per quadrant, four shapes, four of six colours) and each question
+names one of them ("What colour is the triangle?", "Where is the red object?"), so which visual tokens matter
+depends on the question, unlike easy-vqa's one-shape images. Training images hold 1 to 4 objects and also get one
+yes/no existence question each (see meteor_jax/data/shapes.py). The config argument is the dataset directory
+(default /tmp/meteor_shapes). If it holds no dataset yet (no dataset.json), loading this config generates one there
+first: 10,000 training images (50,000 questions) and 1,000 test images (4,000 questions), seed 0, in about 10 s
+(`python -m meteor_jax.data.shapes --out DIR --train 10000 --test 1000 --seed 0` writes the same files). A dataset
+made with other arguments in DIR is an error, never silently used.
 
 The model is the demo's (configs/demo.py: conv-stem ViT of width 32, a unidirectional width-32 fusion scan, a
 two-layer width-64 decoder, a word-level vocabulary trained on the questions), with all 64 visual tokens kept
@@ -21,7 +22,7 @@ from configs import common
 from meteor_jax.data import shapes
 
 DEFAULT_DIR = "/tmp/meteor_shapes"
-NUM_TRAIN, NUM_TEST, SEED = 10_000, 1_000, 0  # images; 4 questions each
+NUM_TRAIN, NUM_TEST, SEED = 10_000, 1_000, 0  # images (4 questions each, + 1 existence question in train)
 KEEP = 64  # of 64 patches (64 px images, 8 px patches)
 TEXT_LEN = 16  # the longest sample's text: "USER: <image>\nWhat shape is the purple object? ASSISTANT: top left</s>"
 
