@@ -36,18 +36,8 @@ def peak_flops(device_kind: str) -> float | None:
     return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
-def _timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def bench(config, workdir: str, *, steps: int, warmup: int, generate_batches: int) -> dict:
     import jax
-    import numpy as np
 
     from meteor_jax import aot, inference, sharding
     from meteor_jax.data import pipeline
@@ -113,11 +103,9 @@ def bench(config, workdir: str, *, steps: int, warmup: int, generate_batches: in
                                              max_new_tokens=config.eval.max_new_tokens, eos_id=-1,
                                              pad_id=tokenizer.pad_id)  # eos -1: every row decodes all tokens
         eval_batch = config.eval.batch_size
-        records = [answering.prompt_record(source[i % len(source)]) for i in range(eval_batch)]
-        rows = [answering.prompt_features(r, tokenizer, spec) for r in records]
-        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        batch = answering.prompt_batch(source, tokenizer, spec, eval_batch)
         generator(batch)  # compile
-        gen = statistics.median(_timed(lambda: generator(batch), generate_batches))
+        gen = statistics.median(cli.timed(lambda: generator(batch), generate_batches))
         report.update(generate_batch=eval_batch, generate_new_tokens=config.eval.max_new_tokens,
                       generate_seconds_per_batch=round(gen, 4), generate_questions_per_s=round(eval_batch / gen, 1))
     return report

@@ -3,6 +3,8 @@ messages, with the libraries' chatter dropped (Orbax logs every checkpoint phase
 from __future__ import annotations
 
 import logging as std_logging
+import time
+from typing import Callable
 
 from absl import logging
 
@@ -19,3 +21,13 @@ def setup_logging(level: int = logging.INFO) -> None:
     handler = logging.get_absl_handler()
     if _not_library_info not in handler.filters:
         handler.addFilter(_not_library_info)
+
+
+def timed(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Wall-clock seconds of `repeats` calls of `fn` (which blocks until its work is done)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times

@@ -8,6 +8,7 @@ checks. The model section's defaults are the model dataclasses' own (`model_defa
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from typing import Any, Mapping
@@ -103,6 +104,17 @@ def merge(target: ml_collections.ConfigDict, values: Mapping, where: str = "conf
             raise TypeError(f"{where}.{key}={value!r} has type {type(value).__name__}, expected "
                             f"{type(default).__name__}") from e
     return target
+
+
+def with_keep(config: Mapping, keep: int) -> dict:
+    """A copy of `config` (as plain dicts) keeping `keep` visual tokens. The prompt length grows or shrinks with the
+    image slots, so the text keeps the room it had; RoPE positions are computed, not stored, so a longer maximum
+    needs no new parameters."""
+    raw = config.to_dict() if hasattr(config, "to_dict") else copy.deepcopy(dict(config))
+    raw["data"]["max_len"] += keep - raw["model"]["selection"]["keep"]
+    raw["model"]["selection"]["keep"] = keep
+    raw["model"]["llm"]["max_seq_len"] = max(raw["model"]["llm"]["max_seq_len"], raw["data"]["max_len"])
+    return raw
 
 
 def _cross_field_checks(config: ml_collections.ConfigDict, model: MeteorConfig) -> None:

@@ -63,14 +63,9 @@ class Run:
                    config_lib.feature_spec(config, model_cfg))
 
     def with_keep(self, keep: int) -> "Run":
-        """The same run seen with another number of kept visual tokens. The prompt length grows or shrinks with the
-        image slots, so the text keeps the room it had; RoPE positions are computed, not stored, so a longer
-        maximum needs no new parameters."""
-        config = ml_collections.ConfigDict(self.config.to_dict())
-        config.data.max_len += keep - config.model.selection.keep
-        config.model.selection.keep = keep
-        config.model.llm.max_seq_len = max(config.model.llm.max_seq_len, config.data.max_len)
-        return Run.from_config(config, devices=list(self.mesh.devices.flat))
+        """The same run seen with another number of kept visual tokens (`config.with_keep`: the prompt length
+        follows the image slots)."""
+        return Run.from_config(config_lib.with_keep(self.config, keep), devices=list(self.mesh.devices.flat))
 
     # ------------------------------------------------------------------------------------------- data
 

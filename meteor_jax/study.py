@@ -67,20 +67,15 @@ def variant_config(config: ml_collections.ConfigDict, variant: str, keep: int) -
     the image slots, so the text keeps the room it had (as `Run.with_keep`). Raises ValueError (naming the field)
     when the variant cannot keep K tokens."""
     from meteor_jax import config as config_lib
+    from meteor_jax.models.vision import VisionConfig
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
     raw = config.to_dict()
     _apply(raw["model"], VARIANTS[variant])
-    base_keep = raw["model"]["selection"]["keep"]
-    vision = raw["model"]["vision"]
-    num_patches = (vision["image_size"] // vision["patch_size"]) ** 2
-    if raw["model"].get("projector") == "mlp":
-        keep = num_patches
-    raw["model"]["selection"]["keep"] = keep
-    raw["data"]["max_len"] += keep - base_keep
-    raw["model"]["llm"]["max_seq_len"] = max(raw["model"]["llm"]["max_seq_len"], raw["data"]["max_len"])
-    checked, _ = config_lib.validate(raw)
+    if raw["model"]["projector"] == "mlp":
+        keep = VisionConfig(**raw["model"]["vision"]).num_patches
+    checked, _ = config_lib.validate(config_lib.with_keep(raw, keep))
     return checked
 
 
@@ -117,7 +112,6 @@ def prefill_seconds(config: ml_collections.ConfigDict, workdir, repeats: int) ->
     """One jitted forward pass (vision → projector → LLM over the whole prompt) over a batch of eval prompts, median
     of `repeats` after a compiling pass. Random weights: the time does not depend on their values."""
     import jax
-    import numpy as np
     from flax import nnx
 
     from meteor_jax import sharding
@@ -127,9 +121,8 @@ def prefill_seconds(config: ml_collections.ConfigDict, workdir, repeats: int) ->
     job = Run.from_config(config)
     source = job.source(config.data.eval, workdir)
     tokenizer = job.tokenizer(workdir)  # the run's own (saved in its workdir by training)
-    rows = [answering.prompt_features(answering.prompt_record(source[i % len(source)]), tokenizer, job.spec)
-            for i in range(config.eval.batch_size)]
-    batch = sharding.global_batch({k: np.stack([r[k] for r in rows]) for k in rows[0]}, job.mesh, job.rules)
+    batch = sharding.global_batch(answering.prompt_batch(source, tokenizer, job.spec, config.eval.batch_size),
+                                  job.mesh, job.rules)
     graphdef, params = job.random_params()
 
     @jax.jit
@@ -137,13 +130,8 @@ def prefill_seconds(config: ml_collections.ConfigDict, workdir, repeats: int) ->
         with sharding.logical_rules(job.rules):
             return nnx.merge(graphdef, params)(batch)
 
-    jax.block_until_ready(forward(params, batch))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(forward(params, batch))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    jax.block_until_ready(forward(params, batch))  # compile
+    return statistics.median(cli.timed(lambda: jax.block_until_ready(forward(params, batch)), repeats))
 
 
 def run_study(config: ml_collections.ConfigDict, workdir, variants: list[str], keeps: list[int], *,

@@ -107,6 +107,13 @@ def prompt_features(record: dict, tokenizer, spec: features_lib.FeatureSpec) -> 
     return features_lib.make_prompt_features(record, tokenizer, spec, image=image)
 
 
+def prompt_batch(source, tokenizer, spec: features_lib.FeatureSpec, rows: int) -> dict[str, np.ndarray]:
+    """The prompts of `source`'s first `rows` records (cycled when it has fewer) as one generation batch: a real
+    batch for speed measurements."""
+    features = [prompt_features(prompt_record(source[i % len(source)]), tokenizer, spec) for i in range(rows)]
+    return {k: np.stack([f[k] for f in features]) for k in features[0]}
+
+
 def answer_records(
     generate: Generator,
     records: Iterable[dict],
