@@ -27,9 +27,6 @@ from meteor_jax.models.meteor import Meteor, MeteorConfig
 from meteor_jax.train import optim, step as step_lib
 from meteor_jax.train.state import TrainState, abstract_train_state, train_state_from_params, with_shardings
 
-# Model-config fields that a converted checkpoint need not match (they change how it runs, not what it is).
-_RUNTIME_FIELDS = {"dtype", "scan_layers", "remat", "max_seq_len", "trainable", "select_layer"}
-
 
 class Optimizer(NamedTuple):
     labels: Any  # per parameter: optim.TRAINED or optim.FROZEN
@@ -253,8 +250,8 @@ def _template_words(template: str) -> str:
 
 
 def _check_loaded(name: str, loaded_cfg, wanted_cfg) -> None:
-    diffs = [f"{f.name}: checkpoint {getattr(loaded_cfg, f.name)!r} vs config {getattr(wanted_cfg, f.name)!r}"
-             for f in dataclasses.fields(wanted_cfg)
-             if f.name not in _RUNTIME_FIELDS and getattr(loaded_cfg, f.name) != getattr(wanted_cfg, f.name)]
+    from meteor_jax.convert.keymap import architecture_mismatches
+
+    diffs = architecture_mismatches("", loaded_cfg, wanted_cfg)
     if diffs:
         raise ValueError(f"config.weights.{name} does not match config.model.{name}: " + "; ".join(diffs))

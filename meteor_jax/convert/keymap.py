@@ -29,6 +29,19 @@ def transpose(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.T)
 
 
+# Config fields that describe how a model runs, not which weights it has: taken from the run's config, never compared
+# with a checkpoint's.
+RUNTIME_FIELDS = frozenset({"dtype", "scan_layers", "remat", "max_seq_len", "trainable", "select_layer"})
+
+
+def architecture_mismatches(prefix: str, theirs, ours) -> list[str]:
+    """"PREFIXfield: checkpoint X vs config Y" for each architecture field (not in RUNTIME_FIELDS) where a
+    checkpoint's config dataclass `theirs` differs from `ours`."""
+    return [f"{prefix}{f.name}: checkpoint {getattr(theirs, f.name)!r} vs config {getattr(ours, f.name)!r}"
+            for f in dataclasses.fields(ours)
+            if f.name not in RUNTIME_FIELDS and getattr(theirs, f.name) != getattr(ours, f.name)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     ours: str  # dotted path in our state, e.g. "layers.attn.q_proj.kernel"

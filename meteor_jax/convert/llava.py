@@ -23,7 +23,7 @@ from typing import Any, Mapping
 from flax import nnx
 
 from meteor_jax.convert.clip import clip_vision_rules, detect_prefix, vision_config_from_hf
-from meteor_jax.convert.keymap import Rule, SafetensorsReader, load_state, transpose
+from meteor_jax.convert.keymap import Rule, SafetensorsReader, architecture_mismatches, load_state, transpose
 from meteor_jax.convert.llama import llama_config_from_hf, llama_rules
 from meteor_jax.models.fusion import FusionConfig
 from meteor_jax.models.meteor import Meteor, MeteorConfig
@@ -33,10 +33,6 @@ from meteor_jax.models.selection import SelectionConfig
 # LlamaConfig's defaults (Vicuna-7B's shape), as convert/llama.py assumes anyway.
 _DEFAULT_VISION = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, patch_size=14,
                        image_size=336, num_hidden_layers=24, num_attention_heads=16)
-
-# Fields that describe how a model runs, not which weights it has: taken from our config, never compared.
-_RUNTIME_FIELDS = {"dtype", "scan_layers", "remat", "max_seq_len", "trainable", "select_layer"}
-
 
 def _read_config(path: str | os.PathLike) -> dict:
     with open(os.path.join(os.fspath(path), "config.json")) as f:
@@ -79,12 +75,6 @@ def meteor_config_from_llava(hf_config: Mapping[str, Any] | str | os.PathLike, *
     selection = SelectionConfig(keep=vision.num_patches if keep is None else keep)
     return MeteorConfig(vision=vision, fusion=FusionConfig(dtype=dtype), selection=selection, llm=llm,
                         projector=projector)
-
-
-def _mismatches(name: str, theirs, ours) -> list[str]:
-    return [f"{name}.{f.name}: checkpoint {getattr(theirs, f.name)!r} vs config {getattr(ours, f.name)!r}"
-            for f in dataclasses.fields(ours)
-            if f.name not in _RUNTIME_FIELDS and getattr(theirs, f.name) != getattr(ours, f.name)]
 
 
 def _layout(keys) -> tuple[str, str, str]:
@@ -130,7 +120,8 @@ def load_llava(path: str | os.PathLike, model_cfg: MeteorConfig, *, mesh=None, r
     path = os.fspath(path)
     theirs = meteor_config_from_llava(_read_config(path), projector=model_cfg.projector,
                                       keep=model_cfg.selection.keep)
-    diffs = _mismatches("vision", theirs.vision, model_cfg.vision) + _mismatches("llm", theirs.llm, model_cfg.llm)
+    diffs = (architecture_mismatches("vision.", theirs.vision, model_cfg.vision)
+             + architecture_mismatches("llm.", theirs.llm, model_cfg.llm))
     if model_cfg.projector != "meteor" and theirs.vision.select_layer != model_cfg.vision.select_layer:
         diffs.append(f"vision.select_layer: the projector was trained on layer {theirs.vision.select_layer} "
                      f"(vision_feature_layer), config {model_cfg.vision.select_layer}")

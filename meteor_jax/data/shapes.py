@@ -53,6 +53,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from meteor_jax.data.templates import instruction_text
+
 VERSION = 1
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {  # well separated in RGB, none close to the grey background
@@ -222,7 +224,7 @@ def _exists_question(rng: np.random.Generator, drawn: Sequence[Obj]) -> tuple[st
 
 
 def question_text(record: dict) -> str:
-    return record["conversations"][0]["value"].replace("<image>", "").strip()
+    return instruction_text(record["conversations"])
 
 
 def answer_text(record: dict) -> str:
