@@ -64,7 +64,7 @@ def _apply(model: dict, overrides: Mapping) -> None:
 
 def variant_config(config: ml_collections.ConfigDict, variant: str, keep: int) -> ml_collections.ConfigDict:
     """`config` with the variant's model overrides and K kept tokens (all N for `mlp`). The prompt length moves with
-    the image slots, so the text keeps the room it had (as `Run.with_keep`). Raises ValueError (naming the field)
+    the image slots, so the text keeps the room it had (`config.with_keep`). Raises ValueError (naming the field)
     when the variant cannot keep K tokens."""
     from meteor_jax import config as config_lib
     from meteor_jax.models.vision import VisionConfig
