@@ -8,9 +8,11 @@ backend runs on all of them):
   llava       transformers' LLaVA on all N visual tokens: fwd+bwd (loss on the answer tokens) and forward
   mlp         ours, LLaVA's mlp2x_gelu projector on all N tokens (equal work)
   meteor_K    ours, Meteor (fusion + selection, random-initialised there) keeping K tokens, per K in `keeps`
-  decoder     transformers' LlamaForCausalLM against our LLM alone at LLaVA's sequence length (N + text)
+  llama       transformers' LlamaForCausalLM alone at LLaVA's sequence length (N + text), same weights
+  decoder     our LLM alone at that length (its ratio is against llama)
 
-Each row: median seconds of `steps` timed calls after `warmup` untimed ones, for fwd+bwd (gradients of every
+Each row: median seconds of `steps` timed calls after `warmup` untimed ones, every row's calls taken in turn
+(round-robin, so load from other processes that comes and goes weighs on both sides alike), for fwd+bwd (gradients of every
 trained parameter; transformers zeroes its gradients each step) and forward only (prefill: logits of every
 position); ratio = reference seconds / ours (> 1: ours faster).
 
@@ -41,15 +43,21 @@ def _threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _median_seconds(fn: Callable[[], object], steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def _interleaved_medians(calls: dict[str, dict[str, Callable[[], object]]], steps: int, warmup: int) -> dict:
+    """{row: {metric: median seconds}}. The calls are timed round-robin (step 1 of every call, then step 2, ...)
+    so that load from other processes, which comes and goes, weighs on every row alike and the ratios hold."""
+    for metrics in calls.values():
+        for fn in metrics.values():
+            for _ in range(warmup):
+                fn()
+    times = {row: {m: [] for m in metrics} for row, metrics in calls.items()}
     for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for row, metrics in calls.items():
+            for m, fn in metrics.items():
+                t0 = time.perf_counter()
+                fn()
+                times[row][m].append(time.perf_counter() - t0)
+    return {row: {m: statistics.median(t) for m, t in metrics.items()} for row, metrics in times.items()}
 
 
 def _hf_llava(vision: dict, text: dict, seed: int):
@@ -98,7 +106,7 @@ def _batch(rng, *, batch: int, keep: int, text_len: int, answer_len: int, instru
                 instruction_mask=np.ones((batch, instruction_len), bool))
 
 
-def _torch_times(model, inputs: dict, steps: int, warmup: int) -> dict[str, float]:
+def _torch_calls(model, inputs: dict) -> dict[str, Callable[[], object]]:
     import torch
 
     def train_step():
@@ -109,16 +117,16 @@ def _torch_times(model, inputs: dict, steps: int, warmup: int) -> dict[str, floa
         with torch.inference_mode():
             model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
 
-    return dict(fwd_bwd=_median_seconds(train_step, steps, warmup), forward=_median_seconds(forward, steps, warmup))
+    return dict(fwd_bwd=train_step, forward=forward)
 
 
-def _jax_times(loss_fn, forward_fn, params, batch, steps: int, warmup: int) -> dict[str, float]:
+def _jax_calls(loss_fn, forward_fn, params, batch) -> dict[str, Callable[[], object]]:
     import jax
 
     grad_fn = jax.jit(jax.value_and_grad(loss_fn))
     fwd = jax.jit(forward_fn)
-    return dict(fwd_bwd=_median_seconds(lambda: jax.block_until_ready(grad_fn(params, batch)), steps, warmup),
-                forward=_median_seconds(lambda: jax.block_until_ready(fwd(params, batch)), steps, warmup))
+    return dict(fwd_bwd=lambda: jax.block_until_ready(grad_fn(params, batch)),
+                forward=lambda: jax.block_until_ready(fwd(params, batch)))
 
 
 def compare(*, vision: dict | None = None, text: dict | None = None, fusion: dict | None = None, batch: int = 2,
@@ -201,22 +209,23 @@ def compare(*, vision: dict | None = None, text: dict | None = None, fusion: dic
         raise AssertionError(f"logits of ours and transformers' LLaVA differ by max |Δ| {max_diff:.3e} (loss "
                              f"{ours_loss:.6f} vs {hf_loss:.6f}), above {parity_tol:g}: the conversion is wrong")
 
-    rows = {"llava": dict(tokens=int(full["tokens"].shape[1]), **_torch_times(hf, hf_inputs, steps, warmup))}
+    tokens = {"llava": int(full["tokens"].shape[1])}
+    calls = {"llava": _torch_calls(hf, hf_inputs)}
     for name, (_, k) in variants.items():
         b = full if k == num_patches else _batch(np.random.default_rng(seed), keep=k, **shape)
         params, loss, forward = meteor_fns(models[name])
-        rows[name] = dict(tokens=int(b["tokens"].shape[1]),
-                          **_jax_times(loss, forward, params, {key: jnp.asarray(v) for key, v in b.items()},
-                                       steps, warmup))
+        tokens[name] = int(b["tokens"].shape[1])
+        calls[name] = _jax_calls(loss, forward, params, {key: jnp.asarray(v) for key, v in b.items()})
 
     if decoder:  # the language models alone, same weights, at LLaVA's sequence length
         seq = full["tokens"].shape[1]
         ids = np.random.default_rng(seed + 1).integers(3, text["vocab_size"], size=(batch, seq))
         labels = np.full(ids.shape, -100)
         labels[:, -answer_len:] = ids[:, -answer_len:]
-        rows["llama"] = dict(tokens=seq, **_torch_times(
+        tokens["llama"] = tokens["decoder"] = seq
+        calls["llama"] = _torch_calls(
             _hf_decoder(hf, text), dict(input_ids=torch.as_tensor(ids), labels=torch.as_tensor(labels),
-                                        attention_mask=torch.ones(ids.shape, dtype=torch.long)), steps, warmup))
+                                        attention_mask=torch.ones(ids.shape, dtype=torch.long)))
         graphdef, params, rest = nnx.split(models["mlp"].llm, nnx.Param, ...)
 
         def llm_logits(p, b):
@@ -228,7 +237,9 @@ def compare(*, vision: dict | None = None, text: dict | None = None, fusion: dic
             return total / count
 
         db = dict(tokens=jnp.asarray(ids, jnp.int32), labels=jnp.asarray(labels, jnp.int32))
-        rows["decoder"] = dict(tokens=seq, **_jax_times(llm_loss, llm_logits, params, db, steps, warmup))
+        calls["decoder"] = _jax_calls(llm_loss, llm_logits, params, db)
+
+    rows = {name: dict(tokens=tokens[name], **t) for name, t in _interleaved_medians(calls, steps, warmup).items()}
 
     for name, row in rows.items():  # reference / ours: the LLaVA rows against llava, our decoder against llama
         ref = rows["llama"] if name == "decoder" else rows["llava"]
