@@ -31,7 +31,8 @@ def transpose(x: np.ndarray) -> np.ndarray:
 
 # Config fields that describe how a model runs, not which weights it has: taken from the run's config, never compared
 # with a checkpoint's.
-RUNTIME_FIELDS = frozenset({"dtype", "scan_layers", "remat", "max_seq_len", "trainable", "select_layer"})
+RUNTIME_FIELDS = frozenset({"dtype", "scan_layers", "remat", "max_seq_len", "trainable", "select_layer",
+                            "attention"})
 
 
 def architecture_mismatches(prefix: str, theirs, ours) -> list[str]:

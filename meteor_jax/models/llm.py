@@ -1,7 +1,7 @@
 """Decoder LLM: the LLaMA architecture (Vicuna, LLaMA-2/3, Mistral-style, SmolLM2).
 
 Token embedding, pre-RMSNorm layers with rotary position embeddings (HF rotate-half convention, so HF q/k
-weights load without permutation), grouped-query attention through `jax.nn.dot_product_attention`, SwiGLU MLP,
+weights load without permutation), grouped-query attention through models/attention.py (the platform's fused kernel, `LLMConfig.attention`), SwiGLU MLP,
 final RMSNorm and a tied or untied head. Layers are stacked on a leading 'layers' axis and run with `jax.lax.scan`
 (or a Python loop over slices, same numbers); a remat policy from the config wraps each layer. Positions are
 explicit, so left-padded batches and KV-cache decoding share one code path.
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from meteor_jax.models.attention import attend, check_implementation, choose
 from meteor_jax.models.layers import REMAT_POLICIES, RMSNorm, dense, mesh_of, run_stacked, shard_batch, stack_layers
 
 
@@ -37,6 +38,9 @@ class LLMConfig:
     # LLaMA-3.1 RoPE scaling: (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings);
     # None = plain RoPE. A tuple keeps the config hashable (it is static in the module graph).
     rope_scaling: tuple[float, float, float, int] | None = None
+    # Attention kernel without a KV cache (training, scoring): "auto" (cuDNN flash attention on GPU at bf16/fp16,
+    # splash on TPU, XLA otherwise) | "xla" | "cudnn" | "splash". Decoding with a cache always uses XLA.
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -52,6 +56,7 @@ class LLMConfig:
                 "llm.rope_scaling must be (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)"
             )
         jnp.dtype(self.dtype)  # fails clearly on an unknown dtype name
+        check_implementation(self.attention, "llm.attention")
 
     @property
     def head_size(self) -> int:
@@ -111,8 +116,10 @@ class Attention(nnx.Module):
         self.v_proj = dense(cfg.dim, cfg.num_kv_heads * hd, ("embed", "kv_heads"), dtype=dtype, rngs=rngs)
         self.o_proj = dense(cfg.num_heads * hd, cfg.dim, ("q_heads", "embed"), dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, attn_mask, kv, index):
-        """x (B,T,D); attn_mask (B,1,T,S) bool; kv = this layer's cache (k, v) each (B,S,KV,hd), or None.
+    def __call__(self, x, cos, sin, structure, kv, index, mesh=None):
+        """x (B,T,D); kv = this layer's cache (k, v) each (B,S,KV,hd), or None; structure: with a cache the
+        (B,1,T,S) bool mask over the slots, without one the (B,T) int32 segment ids of causal self-attention;
+        mesh: the parameters' mesh (splash runs under shard_map over it).
 
         Returns (output (B,T,D), updated (k, v) or None).
         """
@@ -127,9 +134,13 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
             kv = (k, v)
-        # GQA: K/V keep num_kv_heads heads; dot_product_attention broadcasts them over query groups.
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=attn_mask,
-                                           scale=hd**-0.5)
+            # Queries at an offset in the cache, holes where prompts were left-padded: an explicit mask on XLA
+            # (models/attention.py says why the fused kernels do not fit). GQA: K/V heads broadcast over groups.
+            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=structure,
+                                               scale=hd**-0.5)
+        else:
+            out = attend(q, k, v, scale=hd**-0.5, causal=True, segment_ids=structure, mesh=mesh,
+                         implementation=choose(cfg.attention, jax.default_backend(), q.dtype))
         return self.o_proj(out.reshape(b, t, cfg.num_heads * hd)), kv
 
 
@@ -155,8 +166,8 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.dim, eps=cfg.rms_norm_eps)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, attn_mask, kv, index):
-        attn_out, kv = self.attn(self.attn_norm(x), cos, sin, attn_mask, kv, index)
+    def __call__(self, x, cos, sin, structure, kv, index, mesh=None):
+        attn_out, kv = self.attn(self.attn_norm(x), cos, sin, structure, kv, index, mesh)
         x = x + attn_out
         x = x + self.mlp(self.mlp_norm(x))
         return x, kv
@@ -235,26 +246,28 @@ class LLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(query_slots, (b, t))
         if cache is None:
-            key_valid, key_slots, kv = mask, jnp.arange(t, dtype=jnp.int32), None
+            # Causal self-attention within segments, 1 real / 0 padding: real tokens see the real tokens before
+            # them (whatever the padding layout), padding sees padding, so no softmax row is empty.
+            structure, kv = mask.astype(jnp.int32), None
         else:
             key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, start))
             key_slots = jnp.arange(cache.valid.shape[1], dtype=jnp.int32)
             kv = (cache.k, cache.v)
-        causal = key_slots[None, :] <= query_slots[:, None]
-        # Every query also sees its own slot, so a padding query never has an empty softmax row (NaN-free on
-        # every attention backend); real queries are unaffected since their own slot is valid and causal.
-        own = key_slots[None, :] == query_slots[:, None]
-        attn_mask = ((key_valid[:, None, :] & causal[None]) | own[None])[:, None]  # (B, 1, T, S)
+            causal = key_slots[None, :] <= query_slots[:, None]
+            # Every query also sees its own slot, so a padding query never has an empty softmax row (NaN-free);
+            # real queries are unaffected since their own slot is valid and causal.
+            own = key_slots[None, :] == query_slots[:, None]
+            structure = ((key_valid[:, None, :] & causal[None]) | own[None])[:, None]  # (B, 1, T, S)
         cos, sin = rope_tables(cfg, positions, self.compute_dtype)
-        x, kv = self._run_layers(x, cos, sin, attn_mask, kv, start, mesh)
+        x, kv = self._run_layers(x, cos, sin, structure, kv, start, mesh)
         hidden = self.norm(x)
         if cache is not None:
             cache = KVCache(k=kv[0], v=kv[1], valid=key_valid, index=start + t)
         return (hidden if return_hidden else shard_batch(self.logits(hidden), mesh)), cache
 
-    def _run_layers(self, x, cos, sin, attn_mask, kv, index, mesh=None):
+    def _run_layers(self, x, cos, sin, structure, kv, index, mesh=None):
         def step(layer, x, layer_kv):
-            x, layer_kv = layer(x, cos, sin, attn_mask, layer_kv, index)
+            x, layer_kv = layer(x, cos, sin, structure, layer_kv, index, mesh)
             return shard_batch(x, mesh), layer_kv
 
         return run_stacked(self.layers, step, x, kv, scan=self.cfg.scan_layers, remat=self.cfg.remat)

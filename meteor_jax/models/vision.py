@@ -2,8 +2,8 @@
 
 Only the layers up to `select_layer` are built: LLaVA-1.5 reads hidden_states[-2], so the last layer of the
 checkpoint (and post_layernorm) would be dead weight. The [CLS] attention row of the selected layer is computed
-from that layer's q_cls and K (O(N) per image), so the main attention stays `jax.nn.dot_product_attention`
-and may use fused/flash kernels.
+from that layer's q_cls and K (O(N) per image), so the main attention may use a fused/flash kernel
+(models/attention.py, `VisionConfig.attention`).
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from meteor_jax.models.layers import LayerNorm, dense, param, quick_gelu, run_stacked, stack_layers
+from meteor_jax.models.attention import attend, check_implementation, choose
+from meteor_jax.models.layers import LayerNorm, dense, mesh_of, param, quick_gelu, run_stacked, stack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +34,10 @@ class VisionConfig:
     # small conv stem that learns far faster from scratch on small images (the demo; no CLIP weights offline).
     stem: str = "patch"
     dtype: str = "float32"
+    attention: str = "auto"  # the (unmasked) attention's kernel: auto | xla | cudnn | splash (models/attention.py)
 
     def __post_init__(self):
+        check_implementation(self.attention, "vision.attention")
         if self.stem not in ("patch", "conv"):
             raise ValueError(f"vision.stem={self.stem!r}; expected 'patch' or 'conv'")
         if self.stem == "conv" and (self.patch_size & (self.patch_size - 1) or self.patch_size < 2):
@@ -134,8 +137,9 @@ class VisionAttention(nnx.Module):
         self.v_proj = dense(w, w, ("vision_embed", "vision_heads"), use_bias=True, dtype=dtype, rngs=rngs)
         self.out_proj = dense(w, w, ("vision_heads", "vision_embed"), use_bias=True, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(B, T, width) → (output (B, T, width), [CLS] attention row over all T keys, head mean (B, T) float32)."""
+    def __call__(self, x: jax.Array, mesh=None) -> tuple[jax.Array, jax.Array]:
+        """(B, T, width) → (output (B, T, width), [CLS] attention row over all T keys, head mean (B, T) float32).
+        `mesh`: the parameters' mesh (splash runs under shard_map over it)."""
         cfg = self.cfg
         b, t, _ = x.shape
         heads = (b, t, cfg.num_heads, cfg.head_dim)
@@ -143,7 +147,8 @@ class VisionAttention(nnx.Module):
         k = self.k_proj(x).reshape(heads)
         v = self.v_proj(x).reshape(heads)
         scale = cfg.head_dim**-0.5
-        out = jax.nn.dot_product_attention(q, k, v, scale=scale)
+        out = attend(q, k, v, scale=scale, implementation=choose(cfg.attention, jax.default_backend(), q.dtype),
+                     mesh=mesh, head_axes=("vision_heads", "vision_heads"))
         # One query row against all keys: O(T), independent of how the main attention is computed.
         logits = jnp.einsum("bhd,bthd->bht", q[:, 0].astype(jnp.float32), k.astype(jnp.float32)) * scale
         cls_row = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)
@@ -169,8 +174,8 @@ class VisionLayer(nnx.Module):
         self.norm2 = LayerNorm(cfg.width, eps=cfg.layer_norm_eps, axis="vision_embed")
         self.mlp = VisionMLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        attn_out, cls_row = self.attn(self.norm1(x))
+    def __call__(self, x: jax.Array, mesh=None) -> tuple[jax.Array, jax.Array]:
+        attn_out, cls_row = self.attn(self.norm1(x), mesh)
         x = x + attn_out
         x = x + self.mlp(self.norm2(x))
         return x, cls_row
@@ -208,8 +213,9 @@ class VisionTower(nnx.Module):
         x = self.pre_norm(x)
         # The carry holds the latest layer's CLS row; after the last (selected) layer it is the one we return.
         cls_row = jnp.zeros((b, cfg.num_patches + 1), jnp.float32)
+        mesh = mesh_of(self.position_embedding[...])
         (x, cls_row), _ = run_stacked(
-            self.layers, lambda layer, carry, _: (layer(carry[0]), None), (x, cls_row), scan=cfg.scan_layers)
+            self.layers, lambda layer, carry, _: (layer(carry[0], mesh), None), (x, cls_row), scan=cfg.scan_layers)
         features, cls_attention = x[:, 1:], cls_row[:, 1:]
         if not cfg.trainable:
             features, cls_attention = jax.lax.stop_gradient(features), jax.lax.stop_gradient(cls_attention)
