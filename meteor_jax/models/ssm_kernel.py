@@ -21,6 +21,9 @@ with the GPU (Triton) and TPU (Mosaic) constraints in mind but has never been co
 - each program holds whole (L, block_e) rows of x, Δ, y, ... (VMEM on TPU: ~L·block_e·4 bytes per array),
   and loads one time row per step as a 1-D vector; Mosaic may want 2-D (1, block_e) rows instead.
 Parallelism is Bt·E/block_e programs, sequential in time: the point is memory, not speed.
+Sharding: on the project's Auto-axis mesh a batch-sharded call runs (interpret mode lowers to plain HLO, which
+GSPMD partitions or gathers); with Explicit mesh axes the kernel's integer row indexing is refused ("sharded ref
+can only be indexed by slices"). On an accelerator the kernel is an opaque custom call: run it under shard_map.
 """
 from __future__ import annotations
 
