@@ -1,4 +1,4 @@
-"""Selective scan (three implementations), SelectiveSSM masking and init, MambaBlock parity with HF MambaMixer."""
+"""Selective scan (four implementations), SelectiveSSM masking and init, MambaBlock parity with HF MambaMixer."""
 import math
 
 import jax
@@ -77,7 +77,7 @@ def test_scan_impls_agree_in_outputs_and_gradients():
 
     results = {impl: output_and_grads(impl) for impl in SCAN_IMPLS}
     y_ref, grads_ref = results["sequential"]
-    for impl in ("associative", "chunked"):
+    for impl in ("associative", "chunked", "pallas"):
         y, grads = results[impl]
         assert rel_err(y, y_ref) <= 1e-5, impl
         for name, g, g_ref in zip("x delta A B C D".split(), grads, grads_ref):

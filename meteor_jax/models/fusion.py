@@ -31,7 +31,7 @@ class FusionConfig:
     scan_window: int = 4  # w: w×w windows in raster order, raster inside; 1 (or the grid size) = plain raster
     bidirectional: bool = True
     use_instruction: bool = True  # False: visual-only scans, no instruction parameters (ablation)
-    scan_impl: str = "chunked"  # associative | chunked | sequential
+    scan_impl: str = "chunked"  # associative | chunked | pallas | sequential (models/ssm.py)
     scan_chunk: int = 64
     dtype: str = "float32"
 

@@ -2,8 +2,11 @@
 
 Recurrence per channel e and state n:
     h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t x_t ,   y_t = C_t · h_t + D ⊙ x_t.
-The state math runs in float32 whatever the compute dtype. Three scans compute the same thing
-(`selective_scan(impl=...)`); which one is fastest depends on the backend, so it is a config choice.
+The state math runs in float32 whatever the compute dtype. Four scans compute the same thing
+(`selective_scan(impl=...)`): sequential (`lax.scan`, the reference), associative (materialises
+(Bt, L, E, N)), chunked (associative inside rematerialised chunks) and pallas (fused Pallas kernels with a
+custom VJP, `ssm_kernel.py`; tested in interpret mode on CPU only). Which one is fastest depends on the
+backend, so it is a config choice.
 """
 from __future__ import annotations
 
@@ -15,9 +18,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from meteor_jax.models.layers import dense, param
+from meteor_jax.models.ssm_kernel import pallas_selective_scan
 
-ScanImpl = Literal["associative", "chunked", "sequential"]
-SCAN_IMPLS = ("associative", "chunked", "sequential")
+ScanImpl = Literal["associative", "chunked", "pallas", "sequential"]
+SCAN_IMPLS = ("associative", "chunked", "pallas", "sequential")
 
 
 def _combine(left, right):
@@ -109,6 +113,8 @@ def selective_scan(
         y = _scan_sequential(x32, delta32, A32, B32, C32)
     elif impl == "associative":
         y = _scan_associative(x32, delta32, A32, B32, C32)
+    elif impl == "pallas":
+        y = pallas_selective_scan(x32, delta32, A32, B32, C32, chunk=chunk)
     else:
         y = _scan_chunked(x32, delta32, A32, B32, C32, chunk)
     if D is not None:
