@@ -2,6 +2,8 @@
 on a known accelerator, MFU), the compiled step's per-device memory, the input pipeline and batched generation.
 
   python -m meteor_jax.bench --config configs/demo.py [--steps 20] [--min_samples_per_s 150] [--out bench.json]
+  python -m meteor_jax.bench --compare torch [--steps 3]   # transformers' LLaVA vs ours, same weights (compare_torch.py)
+  python -m meteor_jax.bench --scan 2,640,256,16            # the selective-scan impls, fwd+bwd (scan_bench.py)
 
 Random weights, real data (the config's training source and tokenizer): speed does not depend on the values.
 `--min_samples_per_s` is a target: the command exits non-zero below it (speed targets live here, not in tests).
@@ -24,6 +26,8 @@ flags.DEFINE_integer("warmup", 3, "Untimed train steps first (the first one comp
 flags.DEFINE_integer("generate_batches", 3, "Timed generation batches (0: skip generation).")
 flags.DEFINE_float("min_samples_per_s", None, "Target: fail when training is slower than this.")
 flags.DEFINE_string("out", None, "Also write the report as JSON here.")
+flags.DEFINE_enum("compare", None, ["torch"], "Instead of a config: time transformers' LLaVA against ours.")
+flags.DEFINE_list("scan", None, "Instead of a config: time the scan impls at batch,length,inner,state.")
 FLAGS = flags.FLAGS
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets (for MFU).
@@ -115,6 +119,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.setup_logging(logging.WARNING)
+    if FLAGS.compare or FLAGS.scan:
+        return _side_bench()
+    if FLAGS.config is None:
+        raise app.UsageError("--config (or --compare torch, or --scan B,L,E,N) is required")
     with tempfile.TemporaryDirectory() as tmp:
         report = bench(FLAGS.config, FLAGS.workdir or tmp, steps=FLAGS.steps, warmup=FLAGS.warmup,
                        generate_batches=FLAGS.generate_batches)
@@ -127,6 +135,28 @@ def main(argv):
             json.dump(report, f, indent=2)
     if FLAGS.min_samples_per_s is not None and report["samples_per_s"] < FLAGS.min_samples_per_s:
         raise SystemExit(f"below target: {report['samples_per_s']} samples/s < {FLAGS.min_samples_per_s}")
+
+
+def _side_bench():
+    if FLAGS.compare:
+        from meteor_jax import compare_torch
+
+        # torch takes seconds per step on a CPU: 3 timed steps per row unless --steps says otherwise
+        report = compare_torch.compare(steps=FLAGS.steps if FLAGS["steps"].present else 3)
+        print(compare_torch.format_table(report))
+    else:
+        from meteor_jax import scan_bench
+
+        try:
+            batch, length, inner, state = (int(v) for v in FLAGS.scan)
+        except ValueError:
+            raise app.UsageError(f"--scan wants batch,length,inner,state, got {FLAGS.scan}") from None
+        report = scan_bench.bench_scans(batch, length, inner, state, steps=FLAGS.steps, warmup=FLAGS.warmup)
+        for row in report:
+            print(row)
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
