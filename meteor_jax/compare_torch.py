@@ -60,7 +60,8 @@ def _interleaved_medians(calls: dict[str, dict[str, Callable[[], object]]], step
     return {row: {m: statistics.median(t) for m, t in metrics.items()} for row, metrics in times.items()}
 
 
-def _hf_llava(vision: dict, text: dict, seed: int):
+def random_llava(vision: dict, text: dict, seed: int):
+    """A seeded random LlavaForConditionalGeneration (eval mode) whose every parameter matters to its logits."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -159,7 +160,7 @@ def compare(*, vision: dict | None = None, text: dict | None = None, fusion: dic
                  image_size=vision["image_size"], vocab=text["vocab_size"], image_token=image_token)
     full = _batch(rng, keep=num_patches, **shape)
 
-    hf = _hf_llava(vision, text, seed)
+    hf = random_llava(vision, text, seed)
     hf.model.vision_tower.requires_grad_(train_vision)
     hf_inputs = dict(input_ids=torch.as_tensor(full["tokens"], dtype=torch.long),
                      pixel_values=torch.as_tensor(full["pixels"].transpose(0, 3, 1, 2).copy()),

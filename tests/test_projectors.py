@@ -290,21 +290,10 @@ IMAGE_TOKEN = 127
 def llava_dir(tmp_path_factory):
     """A tiny random LlavaForConditionalGeneration saved with save_pretrained, and its logits on two prompts."""
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    torch.manual_seed(0)
-    config = LlavaConfig(vision_config=CLIPVisionConfig(**HF_VISION), text_config=LlamaConfig(**HF_TEXT),
-                         image_token_index=IMAGE_TOKEN, projector_hidden_act="gelu", vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
-    model = LlavaForConditionalGeneration(config).eval().float()
-    with torch.no_grad():  # HF's init (std 0.02, norms 1, biases 0) hides mistakes: make every parameter matter
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.normal_(1.0, 0.2)
-            elif name.endswith("bias") or "embedding" in name:
-                p.normal_(0.0, 0.3)
-            elif p.ndim == 2:  # linear layers and the token embedding: unit-scale activations
-                p.normal_(0.0, p.shape[1] ** -0.5)
+    from meteor_jax.compare_torch import random_llava
+
+    model = random_llava(HF_VISION, HF_TEXT, seed=0)  # its image token is the last id, IMAGE_TOKEN
     path = tmp_path_factory.mktemp("llava")
     model.save_pretrained(path)
     rng = np.random.default_rng(0)

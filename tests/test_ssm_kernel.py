@@ -11,19 +11,16 @@ from meteor_jax.models.fusion import FlashGlobalFusion, FusionConfig
 from meteor_jax.models.ssm import SelectiveSSM, _scan_sequential, selective_scan
 from meteor_jax.models.ssm_kernel import pallas_selective_scan
 
+import test_ssm
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def scan_inputs(key, batch, length, inner, state):
-    k = jax.random.split(key, 7)
-    x = jax.random.normal(k[0], (batch, length, inner))
-    delta = jax.nn.softplus(jax.random.normal(k[1], (batch, length, inner)) - 1.0)
-    A = -jnp.exp(jax.random.normal(k[2], (inner, state)))
-    B = jax.random.normal(k[3], (batch, length, state))
-    C = jax.random.normal(k[4], (batch, length, state))
-    D = jax.random.normal(k[5], (inner,))
-    cotangent = jax.random.normal(k[6], (batch, length, inner))
-    return (x, delta, A, B, C, D), cotangent
+    """test_ssm's scan inputs and a cotangent for y."""
+    args_key, cotangent_key = jax.random.split(key)
+    args = test_ssm.scan_inputs(args_key, batch, length, inner, state)
+    return args, jax.random.normal(cotangent_key, (batch, length, inner))
 
 
 def value_and_grads(scan, args, cotangent):
