@@ -129,10 +129,7 @@ def main(argv):
     width = max(map(len, report))
     for key, value in report.items():
         print(f"{key:<{width}}  {value}")
-    if FLAGS.out:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-        with open(FLAGS.out, "w") as f:
-            json.dump(report, f, indent=2)
+    _write_out(report)
     if FLAGS.min_samples_per_s is not None and report["samples_per_s"] < FLAGS.min_samples_per_s:
         raise SystemExit(f"below target: {report['samples_per_s']} samples/s < {FLAGS.min_samples_per_s}")
 
@@ -154,7 +151,12 @@ def _side_bench():
         report = scan_bench.bench_scans(batch, length, inner, state, steps=FLAGS.steps, warmup=FLAGS.warmup)
         for row in report:
             print(row)
+    _write_out(report)
+
+
+def _write_out(report) -> None:
     if FLAGS.out:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
         with open(FLAGS.out, "w") as f:
             json.dump(report, f, indent=2)
 

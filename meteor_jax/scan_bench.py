@@ -1,15 +1,13 @@
 """Speed and compiled memory of the selective-scan implementations, forward + backward, on this machine's default device.
 
-    python -m meteor_jax.scan_bench [batch length inner state [impl ...]]
+    python -m meteor_jax.bench --scan batch,length,inner,state [--steps 5]
 
 The fusion geometry is batch × L 640 × E 256 × N 16 (a 24×24 grid plus the instruction, E = 2·128). On CPU the
 pallas scan runs in Pallas interpret mode, which says nothing about its speed on an accelerator.
 """
 from __future__ import annotations
 
-import json
 import statistics
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -65,8 +63,3 @@ def bench_scans(batch: int = 2, length: int = 640, inner: int = 256, state: int 
                                      if base and r["memory_bytes"] and base["memory_bytes"] else None)
     return rows
 
-
-if __name__ == "__main__":
-    sizes = [int(a) for a in sys.argv[1:5]] or [2, 640, 256, 16]
-    for row in bench_scans(*sizes, impls=tuple(sys.argv[5:]) or SCAN_IMPLS):
-        print(json.dumps(row))
