@@ -79,6 +79,27 @@ def test_next_token_loss_hand_case():
     np.testing.assert_allclose(float(total), -np.log(0.25), rtol=1e-6)
 
 
+def test_next_token_loss_equals_gathered_log_softmax():
+    """The fused form (shifted labels, iota compare) against the textbook one, values and gradients; a target
+    outside the vocabulary is NaN, not a finite loss."""
+    logits = 3.0 * jax.random.normal(jax.random.key(0), (3, 7, 11))
+    labels = jax.random.randint(jax.random.key(1), (3, 7), 0, 11)
+    labels = jnp.where(jax.random.bernoulli(jax.random.key(2), 0.4, (3, 7)), IGNORE_INDEX, labels)
+
+    def reference(logits):
+        targets = labels[:, 1:]
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        nll = -jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(targets != IGNORE_INDEX, nll, 0.0))
+
+    total, count = next_token_loss(logits, labels)
+    assert float(count) == float(jnp.sum(labels[:, 1:] != IGNORE_INDEX))
+    np.testing.assert_allclose(float(total), float(reference(logits)), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda x: next_token_loss(x, labels)[0])(logits), jax.grad(reference)(logits),
+                               rtol=1e-5, atol=1e-6)
+    assert np.isnan(float(next_token_loss(logits, labels.at[0, 3].set(11))[0]))
+
+
 def test_sharded_forward_equals_single_device():
     model = tiny_model()
     batch = tiny_batch(model.cfg, batch=4)

@@ -121,11 +121,21 @@ class Meteor(nnx.Module):
 
 
 def next_token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Position t predicts labels[t + 1]; IGNORE_INDEX targets are skipped."""
-    targets = labels[:, 1:]
+    """Position t predicts labels[t + 1]; IGNORE_INDEX targets are skipped. Returns (summed NLL, target count).
+
+    The labels are shifted rather than the (B, T, V) logits, and the target logit is picked by comparing against
+    the vocabulary iota rather than gathered: both are elementwise ops that fuse into the logsumexp, where a slice
+    of the logits and a gather would put a (B, T, V) pad and scatter into the backward pass (a 2.7-3.7x slower
+    gradient of this loss on 2 CPU cores at SmolLM2's vocabulary, 2 x 640 tokens; TPU code writes it so too).
+    A target outside [0, V) gives NaN, as the gather did, never a silently finite loss.
+    """
+    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
     valid = targets != IGNORE_INDEX
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    logits = logits.astype(jnp.float32)
+    vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+    picked = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked
+    nll = jnp.where((targets < 0) | (targets >= logits.shape[-1]), jnp.nan, nll)
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
 
 
