@@ -3,6 +3,7 @@ that object's region answers it, so the visual tokens a model needs depend on th
 
     python -m meteor_jax.data.shapes --out /tmp/meteor_shapes --train 10000 --test 1000 --seed 0 [--image_size 64]
         [--questions_per_image 4] [--train_objects 1,2,3,4] [--test_objects 4] [--train_exists 1]
+        [--train_describe 0]
 
 Each test image is a plain grey background with four objects, one per quadrant at a jittered position and size:
 the four shapes (circle, square, triangle, cross) in a random order, each in a different colour drawn from six
@@ -18,10 +19,12 @@ colour and ask for another of its attributes:
 
 Every image gets `questions_per_image` questions (default 4: one of each type, about different objects where
 possible; at most 4 per object). Training images also get `--train_exists` (default 1) yes/no questions "Is there a
-red object?" / "Is there a cross?" (half of them yes); the test split has none of them. The named object is drawn uniformly, so within a question type every answer is
-equally likely and the question alone gives no more than the uniform prior (1/6 colour, 1/4 otherwise):
-`text_prior_accuracy` measures the best text-only predictor (the training split's most common answer for each
-exact question) on the test split, and dataset.json records it.
+red object?" / "Is there a cross?" (half of them yes); the test split has none of them. With `--train_describe 1`
+each training image also gets "Describe the image." → its objects in quadrant order ("red cross top left and purple
+triangle top right"), LLaVA's stage-1 caption. The named object is drawn uniformly, so within a question type every
+answer is equally likely and the question alone gives no more than the uniform prior (1/6 colour, 1/4 otherwise):
+`text_prior_accuracy` measures the best text-only predictor (the training split's most common answer for each exact
+question) on the test split, and dataset.json records it.
 
 Written under OUT (the files the pipeline and the benchmark path read):
   images/{train,test}_NNNNNN.png   RGB PNGs
@@ -73,6 +76,13 @@ MAX_QUESTIONS_PER_IMAGE = len(QUESTION_TYPES) * len(POSITIONS)  # every (type, o
 # carry the question's colour or shape word to the answer early, which finding the named object then builds on.
 EXISTS = "exists"
 TRAIN_EXISTS = 1
+# Training images can also get a description (LLaVA's stage-1 captions): "Describe the image." → every object in
+# quadrant order, "red triangle top left and blue circle bottom right". One answer names every object's colour,
+# shape and quadrant, a dense signal that teaches a from-scratch vision tower what each region holds, where a
+# question names only one object and asks one of its attributes.
+DESCRIBE = "describe"
+DESCRIBE_QUESTION = "Describe the image."
+TRAIN_DESCRIBE = 0
 COLOUR_JITTER = 12  # each channel of an object's colour moves by at most this much
 BACKGROUND = (170, 235)  # the grey level of the background, uniform in [lo, hi]
 _SPLITS = {"train": 0, "test": 1}
@@ -158,12 +168,12 @@ def _png(image: Image.Image) -> bytes:
 
 
 def make_split(split: str, num_images: int, seed: int, image_size: int = 64, questions_per_image: int = 4,
-               objects: Sequence[int] | None = None, exists: int | None = None,
+               objects: Sequence[int] | None = None, exists: int | None = None, describe: int | None = None,
                progress: bool = False) -> tuple[dict[str, bytes], list[dict]]:
     """The PNG bytes by file name and the LLaVA records of one split (records in image order). Each image holds
     one of `objects` objects (drawn uniformly; default TRAIN_OBJECTS or TEST_OBJECTS) and gets
     min(questions_per_image, 4 × its objects) questions, then `exists` existence questions (default TRAIN_EXISTS
-    for train, 0 for test)."""
+    for train, 0 for test), then `describe` (0 or 1; default TRAIN_DESCRIBE for train, 0 for test) descriptions."""
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
     if objects is None:
@@ -172,6 +182,10 @@ def make_split(split: str, num_images: int, seed: int, image_size: int = 64, que
         exists = TRAIN_EXISTS if split == "train" else 0
     if exists < 0:
         raise ValueError(f"the number of existence questions per image must be >= 0, got {exists}")
+    if describe is None:
+        describe = TRAIN_DESCRIBE if split == "train" else 0
+    if describe not in (0, 1):
+        raise ValueError(f"the number of descriptions per image must be 0 or 1, got {describe}")
     check_args(num_images=num_images, seed=seed, image_size=image_size, questions_per_image=questions_per_image,
                objects=objects, allow_zero=True)
     objects = tuple(int(n) for n in objects)
@@ -196,6 +210,8 @@ def make_split(split: str, num_images: int, seed: int, image_size: int = 64, que
             asked.append((qtype, *_question(qtype, obj), obj))
         for _ in range(exists):
             asked.append((EXISTS, *_exists_question(rng, drawn)))
+        if describe:
+            asked.append((DESCRIBE, DESCRIBE_QUESTION, describe_answer(drawn), None))
         for q, (qtype, question, answer, obj) in enumerate(asked):
             target = None if obj is None else dict(shape=obj.shape, colour=obj.colour, position=obj.position,
                                                    bbox=list(obj.bbox))
@@ -221,6 +237,11 @@ def _exists_question(rng: np.random.Generator, drawn: Sequence[Obj]) -> tuple[st
         name = obj.colour if by_colour else obj.shape
     question = f"Is there a {name} object?" if by_colour else f"Is there a {name}?"
     return question, "no" if obj is None else "yes", obj
+
+
+def describe_answer(drawn: Sequence[Obj]) -> str:
+    """"red triangle top left and blue circle bottom right": the objects in quadrant order."""
+    return " and ".join(f"{o.colour} {o.shape} {o.position}" for o in drawn)
 
 
 def question_text(record: dict) -> str:
@@ -257,7 +278,7 @@ def answer_distribution(records: Iterable[dict]) -> dict[str, dict[str, float]]:
 def check_args(*, num_images: int | None = None, num_train: int | None = None, num_test: int | None = None,
                seed: int = 0, image_size: int = 64, questions_per_image: int = 4, objects: Sequence[int] = (4,),
                train_objects: Sequence[int] | None = None, test_objects: Sequence[int] | None = None,
-               train_exists: int = 0, allow_zero: bool = False) -> None:
+               train_exists: int = 0, train_describe: int = 0, allow_zero: bool = False) -> None:
     """ValueError naming the bad argument."""
     if num_train is not None and num_train < 1:
         raise ValueError(f"--train must be at least 1 image, got {num_train}")
@@ -275,6 +296,8 @@ def check_args(*, num_images: int | None = None, num_train: int | None = None, n
                          f"objects), got {questions_per_image}")
     if train_exists < 0:
         raise ValueError(f"--train_exists must be >= 0, got {train_exists}")
+    if train_describe not in (0, 1):
+        raise ValueError(f"--train_describe must be 0 or 1, got {train_describe}")
     for flag, counts in (("objects", objects), ("--train_objects", train_objects), ("--test_objects", test_objects)):
         if counts is not None and (not len(counts) or any(not 1 <= int(n) <= len(POSITIONS) for n in counts)):
             raise ValueError(f"{flag} must be a non-empty list of object counts in [1, {len(POSITIONS)}], "
@@ -290,14 +313,14 @@ def _write_jsonl(path: str, rows: Iterable[dict]) -> None:
 def generate(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int = 0, image_size: int = 64,
              questions_per_image: int = 4, train_objects: Sequence[int] = TRAIN_OBJECTS,
              test_objects: Sequence[int] = TEST_OBJECTS, train_exists: int = TRAIN_EXISTS,
-             progress: bool = True) -> dict:
+             train_describe: int = TRAIN_DESCRIBE, progress: bool = True) -> dict:
     """Write the dataset under `out` (see the module docstring); returns the manifest (also DIR/dataset.json).
 
     Files are written into a temporary folder next to `out` and moved in at the end, and dataset.json comes last,
     so an interrupted run never leaves a dataset that looks complete. An existing dataset in `out` is replaced."""
     check_args(num_train=num_train, num_test=num_test, seed=seed, image_size=image_size,
                questions_per_image=questions_per_image, train_objects=train_objects, test_objects=test_objects,
-               train_exists=train_exists)
+               train_exists=train_exists, train_describe=train_describe)
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} exists and is not a directory")
@@ -306,10 +329,11 @@ def generate(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int
     try:
         os.makedirs(os.path.join(tmp, "images"))
         splits = {}
-        for split, n, objects, exists in (("train", num_train, train_objects, train_exists),
-                                          ("test", num_test, test_objects, 0)):
+        for split, n, objects, exists, describe in (
+                ("train", num_train, train_objects, train_exists, train_describe),
+                ("test", num_test, test_objects, 0, 0)):
             images, records = make_split(split, n, seed, image_size, questions_per_image, objects, exists,
-                                         progress=progress)
+                                         describe, progress=progress)
             for name, data in images.items():
                 with open(os.path.join(tmp, "images", name), "wb") as f:
                     f.write(data)
@@ -325,7 +349,7 @@ def generate(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int
         manifest = dict(
             generator="meteor_jax.data.shapes", version=VERSION,
             args=_args(num_train, num_test, seed, image_size, questions_per_image, train_objects, test_objects,
-                       train_exists),
+                       train_exists, train_describe),
             images=dict(train=num_train, test=num_test),
             questions=dict(train=len(splits["train"]), test=len(test)),
             text_prior_accuracy=text_prior_accuracy(splits["train"], test),
@@ -352,24 +376,27 @@ def generate(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int
 
 
 def _args(num_train, num_test, seed, image_size, questions_per_image, train_objects, test_objects,
-          train_exists) -> dict:
+          train_exists, train_describe) -> dict:
     return dict(num_train=num_train, num_test=num_test, seed=seed, image_size=image_size,
                 questions_per_image=questions_per_image, train_objects=[int(n) for n in train_objects],
-                test_objects=[int(n) for n in test_objects], train_exists=int(train_exists))
+                test_objects=[int(n) for n in test_objects], train_exists=int(train_exists),
+                train_describe=int(train_describe))
 
 
 def ensure_dataset(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int = 0, image_size: int = 64,
                    questions_per_image: int = 4, train_objects: Sequence[int] = TRAIN_OBJECTS,
                    test_objects: Sequence[int] = TEST_OBJECTS, train_exists: int = TRAIN_EXISTS,
-                   progress: bool = True) -> dict:
+                   train_describe: int = TRAIN_DESCRIBE, progress: bool = True) -> dict:
     """The dataset in `out`: generated when `out` holds no complete dataset (no dataset.json). A complete one made
     with other arguments is an error (never silently replaced or used)."""
     wanted = _args(num_train, num_test, seed, image_size, questions_per_image, train_objects, test_objects,
-                   train_exists)
+                   train_exists, train_describe)
     manifest_path = os.path.join(os.fspath(out), "dataset.json")
     if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
             manifest = json.load(f)
+        # A dataset written before descriptions existed has none: the same files as train_describe=0.
+        manifest.get("args", {}).setdefault("train_describe", 0)
         if manifest.get("version") != VERSION or manifest.get("args") != wanted:
             raise ValueError(f"{out} holds a shapes dataset made with {manifest.get('args')} (version "
                              f"{manifest.get('version')}), not {wanted} (version {VERSION}): use another "
@@ -402,13 +429,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"object counts of test images (default {','.join(map(str, TEST_OBJECTS))})")
     parser.add_argument("--train_exists", type=int, default=TRAIN_EXISTS,
                         help=f"yes/no existence questions per training image (default {TRAIN_EXISTS}; test: none)")
+    parser.add_argument("--train_describe", type=int, default=TRAIN_DESCRIBE,
+                        help=f"0 or 1: give each training image a description \"{DESCRIBE_QUESTION}\" → its objects "
+                             f"in quadrant order (default {TRAIN_DESCRIBE}; test: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
         manifest = generate(args.out, num_train=args.train, num_test=args.test, seed=args.seed,
                             image_size=args.image_size, questions_per_image=args.questions_per_image,
                             train_objects=args.train_objects, test_objects=args.test_objects,
-                            train_exists=args.train_exists,
+                            train_exists=args.train_exists, train_describe=args.train_describe,
                             progress=not args.quiet)
     except ValueError as e:
         parser.error(str(e))  # usage + "error: ..." on stderr, exit status 2
