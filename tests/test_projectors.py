@@ -195,6 +195,59 @@ def test_projector_config_errors():
     assert MeteorConfig().projector == "meteor"
 
 
+# ------------------------------------------------------------------------------------------- grid positions
+
+
+@pytest.mark.parametrize("kind,keep", [("cls_prune", 5), ("meteor", 4), ("mlp", 16)])
+def test_grid_positions_add_the_kept_cells_row_and_column_embeddings(kind, keep):
+    """model.visual_positions="grid": each kept token gains row[i // g] + column[i % g] of its raster index i
+    (checked by hand against the projector's own output); the scores and indices are the projector's."""
+    config = tiny.get_config()
+    config.model.update(projector=kind, visual_positions="grid")
+    config.model.selection.keep = keep
+    cfg = config_from_dict(config.model)
+    model = Meteor(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(3)
+    pixels = jnp.asarray(rng.normal(size=(2, cfg.vision.image_size, cfg.vision.image_size, 3)), jnp.float32)
+    instruction = jnp.asarray(rng.integers(1, cfg.llm.vocab_size, (2, 5)), jnp.int32)
+    instruction_mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    with_positions = model.visual_tokens(pixels, instruction, instruction_mask)
+
+    features, cls_attention = model.vision(pixels)
+    if kind == "meteor":
+        text = model.llm.embed_tokens(instruction)
+        plain = select(model.fusion(features, text, instruction_mask), cls_attention, text, instruction_mask,
+                       cfg.selection)
+    else:
+        plain = model.fusion(features, cls_attention, pixels)
+    idx = np.asarray(plain.indices)
+    g = cfg.vision.grid
+    row, column = np.asarray(model.fusion.grid_position.row[...]), np.asarray(model.fusion.grid_position.column[...])
+    expected = np.asarray(plain.tokens) + row[idx // g] + column[idx % g]
+    np.testing.assert_allclose(np.asarray(with_positions.tokens), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(with_positions.indices), idx)
+    np.testing.assert_array_equal(np.asarray(with_positions.score), np.asarray(plain.score))
+    assert row.shape == column.shape == (g, cfg.llm.dim) and not np.allclose(row, column)
+
+
+def test_grid_positions_belong_to_the_projector_and_bad_values_fail():
+    from meteor_jax.config import RUN_DEFAULTS
+    from meteor_jax.train.optim import TRAINED, trainable_labels
+
+    config = tiny.get_config()
+    config.model.update(projector="cls_prune", visual_positions="grid")
+    config.model.selection.keep = 4
+    model = nnx.eval_shape(lambda: Meteor(config_from_dict(config.model), rngs=nnx.Rngs(0)))
+    labels = nnx.to_pure_dict(trainable_labels(nnx.state(model, nnx.Param), RUN_DEFAULTS["train"]["trainable"]))
+    assert set(labels["fusion"]["grid_position"]) == {"row", "column"}
+    assert set(jax.tree.leaves(labels["fusion"]["grid_position"])) == {TRAINED}  # stage 1 trains it
+    assert "grid_position" not in nnx.to_pure_dict(nnx.state(
+        nnx.eval_shape(lambda: Meteor(_tiny_model_config("cls_prune", 4), rngs=nnx.Rngs(0))), nnx.Param))["fusion"]
+    assert MeteorConfig().visual_positions == "none"
+    with pytest.raises(ValueError, match=r"model.visual_positions='2d'; expected one of \('none', 'grid'\)"):
+        MeteorConfig(visual_positions="2d")
+
+
 # ------------------------------------------------------------------------------------------- Meteor ablations
 
 

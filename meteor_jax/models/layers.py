@@ -51,6 +51,27 @@ def dense(
     )
 
 
+class GridPositionEmbedding(nnx.Module):
+    """Learned row and column embeddings of the g×g patch grid, looked up by each kept visual token's raster index
+    and added to it at the LLM input (`model.visual_positions="grid"`).
+
+    Why: the LLM orders the K tokens in 1-D (RoPE), and RoPE rotates queries and keys only, so no position reaches
+    the attention's values; a decoder can count its way to a token's row but has to read the column from the
+    features. With this table the column is one lookup away. It lives in the projector (the `fusion` slot), so
+    the stage-1 recipe trains it."""
+
+    def __init__(self, grid: int, dim: int, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)  # the LLM token embeddings' scale
+        self.grid = grid
+        self.row = param(init(rngs.params(), (grid, dim), jnp.float32), ("position", "embed"))
+        self.column = param(init(rngs.params(), (grid, dim), jnp.float32), ("position", "embed"))
+
+    def __call__(self, indices: jax.Array) -> jax.Array:
+        """(B, K) raster indices into the g×g grid → (B, K, dim) float32."""
+        rows, columns = jnp.divmod(indices, self.grid)
+        return jnp.take(self.row[...], rows, axis=0) + jnp.take(self.column[...], columns, axis=0)
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm as in LLaMA/Mamba: statistics in float32, then cast back (HF `LlamaRMSNorm`)."""
 

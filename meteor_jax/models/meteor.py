@@ -15,13 +15,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from meteor_jax.models.fusion import FlashGlobalFusion, FusionConfig
-from meteor_jax.models.layers import mesh_of, shard_batch
+from meteor_jax.models.layers import GridPositionEmbedding, mesh_of, shard_batch
 from meteor_jax.models.llm import LLM, LLMConfig
 from meteor_jax.models.projectors import BaselineProjector, check_projector
 from meteor_jax.models.selection import Selection, SelectionConfig, select
 from meteor_jax.models.vision import VisionConfig, VisionTower
 
 IGNORE_INDEX = -100
+VISUAL_POSITIONS = ("none", "grid")
 
 # What a batch holds (all static shapes; produced by the data pipeline):
 #   pixels            (B, H, W, C) float   normalised image (a blank image for text-only samples)
@@ -42,8 +43,13 @@ class MeteorConfig:
     # How the N patch features become K visual tokens: one of models.projectors.PROJECTORS. A baseline computes
     # in fusion.dtype and draws `random` with selection.seed.
     projector: str = "meteor"
+    # "grid": add learned row and column embeddings of each kept token's patch-grid cell to the visual tokens
+    # (layers.GridPositionEmbedding, parameters fusion.grid_position.*); "none": LLaVA's projector output as is.
+    visual_positions: str = "none"
 
     def __post_init__(self):
+        if self.visual_positions not in VISUAL_POSITIONS:
+            raise ValueError(f"model.visual_positions={self.visual_positions!r}; expected one of {VISUAL_POSITIONS}")
         if self.selection.keep > self.vision.num_patches:
             raise ValueError(
                 f"selection.keep={self.selection.keep} exceeds the {self.vision.num_patches} visual tokens "
@@ -85,6 +91,8 @@ class Meteor(nnx.Module):
         else:  # a baseline: the same module slot (and name) so trainable/init/checkpoints treat it alike
             self.fusion = BaselineProjector(cfg.projector, **dims, keep=cfg.selection.keep, seed=cfg.selection.seed,
                                             dtype=cfg.fusion.dtype, rngs=rngs)
+        if cfg.visual_positions == "grid":  # part of the projector, so `trainable=("fusion",)` trains it
+            self.fusion.grid_position = GridPositionEmbedding(cfg.vision.grid, cfg.llm.dim, rngs=rngs)
         self.llm = LLM(cfg.llm, rngs=rngs)
 
     def visual_tokens(self, pixels: jax.Array, instruction: jax.Array, instruction_mask: jax.Array) -> Selection:
@@ -94,10 +102,15 @@ class Meteor(nnx.Module):
         mesh = mesh_of(self.llm.embed.embedding[...])
         features, cls_attention = (shard_batch(x, mesh) for x in self.vision(pixels))
         if self.cfg.projector != "meteor":  # baselines never look at the instruction
-            return self.fusion(features, cls_attention, pixels)
-        text = shard_batch(self.llm.embed_tokens(instruction), mesh)
-        fused = shard_batch(self.fusion(features, text, instruction_mask), mesh)
-        return select(fused, cls_attention, text, instruction_mask, self.cfg.selection)
+            selected = self.fusion(features, cls_attention, pixels)
+        else:
+            text = shard_batch(self.llm.embed_tokens(instruction), mesh)
+            fused = shard_batch(self.fusion(features, text, instruction_mask), mesh)
+            selected = select(fused, cls_attention, text, instruction_mask, self.cfg.selection)
+        if self.cfg.visual_positions == "grid":  # after selection: the kept tokens' own cells, scores unchanged
+            position = self.fusion.grid_position(selected.indices).astype(selected.tokens.dtype)
+            selected = selected._replace(tokens=selected.tokens + position)
+        return selected
 
     def embed_inputs(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         embeddings = shard_batch(self.llm.embed_tokens(batch["tokens"]), mesh_of(self.llm.embed.embedding[...]))
