@@ -56,7 +56,7 @@ class GridPositionEmbedding(nnx.Module):
     and added to it at the LLM input (`model.visual_positions="grid"`).
 
     Why: the LLM orders the K tokens in 1-D (RoPE), and RoPE rotates queries and keys only, so no position reaches
-    the attention's values; a decoder can count its way to a token's row but has to read the column from the
+    the attention's values; a decoder may find a token's row from their order but has to read the column from the
     features. With this table the column is one lookup away. It lives in the projector (the `fusion` slot), so
     the stage-1 recipe trains it."""
 
