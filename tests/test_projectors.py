@@ -44,9 +44,9 @@ def _mlp_reference(projector, x):
     return (0.5 * h * (1 + erf(h / np.sqrt(2)))) @ w2 + b2
 
 
-def _tiny_model_config(projector, keep):
+def _tiny_model_config(projector, keep, **model_fields):
     config = tiny.get_config()
-    config.model.projector = projector
+    config.model.update(projector=projector, **model_fields)
     config.model.selection.keep = keep
     return config_from_dict(config.model)
 
@@ -202,10 +202,7 @@ def test_projector_config_errors():
 def test_grid_positions_add_the_kept_cells_row_and_column_embeddings(kind, keep):
     """model.visual_positions="grid": each kept token gains row[i // g] + column[i % g] of its raster index i
     (checked by hand against the projector's own output); the scores and indices are the projector's."""
-    config = tiny.get_config()
-    config.model.update(projector=kind, visual_positions="grid")
-    config.model.selection.keep = keep
-    cfg = config_from_dict(config.model)
+    cfg = _tiny_model_config(kind, keep, visual_positions="grid")
     model = Meteor(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(3)
     pixels = jnp.asarray(rng.normal(size=(2, cfg.vision.image_size, cfg.vision.image_size, 3)), jnp.float32)
@@ -234,10 +231,8 @@ def test_grid_positions_belong_to_the_projector_and_bad_values_fail():
     from meteor_jax.config import RUN_DEFAULTS
     from meteor_jax.train.optim import TRAINED, trainable_labels
 
-    config = tiny.get_config()
-    config.model.update(projector="cls_prune", visual_positions="grid")
-    config.model.selection.keep = 4
-    model = nnx.eval_shape(lambda: Meteor(config_from_dict(config.model), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Meteor(_tiny_model_config("cls_prune", 4, visual_positions="grid"),
+                                          rngs=nnx.Rngs(0)))
     labels = nnx.to_pure_dict(trainable_labels(nnx.state(model, nnx.Param), RUN_DEFAULTS["train"]["trainable"]))
     assert set(labels["fusion"]["grid_position"]) == {"row", "column"}
     assert set(jax.tree.leaves(labels["fusion"]["grid_position"])) == {TRAINED}  # stage 1 trains it
