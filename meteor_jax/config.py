@@ -36,6 +36,7 @@ RUN_DEFAULTS: dict[str, Any] = dict(
         manual_dir="",  # LLaVA json + images for the llava_* tfds builders
         image_folder="",  # images of a llava_json file
         template="vicuna_v1",
+        image_placement="front",  # "front": "<image>\n" + question, as LLaVA; "after_text": question + "\n<image>"
         max_len=2048,
         instruction_len=64,
         worker_count=0,
@@ -158,4 +159,4 @@ def feature_spec(config: ml_collections.ConfigDict, model_cfg: MeteorConfig) -> 
     """How this run turns records into model inputs (sequence lengths, image slots, image size, template)."""
     return FeatureSpec(max_len=config.data.max_len, instruction_len=config.data.instruction_len,
                        num_image_tokens=model_cfg.selection.keep, image_size=model_cfg.vision.image_size,
-                       template=config.data.template)
+                       template=config.data.template, image_placement=config.data.image_placement)

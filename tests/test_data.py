@@ -119,6 +119,26 @@ def test_vicuna_v1_mask(word_tok):
     assert prompt.ids == tokenized.ids[:-2]  # the last answer and its </s> left out
 
 
+def test_image_after_text_mask(word_tok):
+    # "after_text": the placeholder follows the question (wherever the data put it), so a causal decoder's visual
+    # tokens see the question; later turns, labels and the generation prompt are as with "front".
+    for question in ("<image>\nWhat color is the shape?", "What color is the <image> shape?"):
+        tokenized = tokenize_conversation(conversation(question), "vicuna_short", word_tok,
+                                          image_placement="after_text")
+        check_mask(tokenized, word_tok, "<s> user : what color is the shape ? <image> assistant : [red </s>] "
+                                        "user : what shape is it ? assistant : [circle </s>]")
+        assert tokenized.image_positions == [9]
+    # A placeholder taken from mid-turn leaves both its spaces, as LLaVA's replace does.
+    assert tokenized.text.startswith("USER: What color is the  shape?\n<image> ASSISTANT: red</s>")
+    front = tokenize_conversation(conversation(), "vicuna_short", word_tok)
+    assert front.image_positions == [3] and sorted(front.ids) == sorted(tokenized.ids)
+    prompt = tokenize_conversation(conversation(), "vicuna_short", word_tok, add_generation_prompt=True,
+                                   image_placement="after_text")
+    assert prompt.ids == tokenized.ids[:-2]
+    with pytest.raises(ValueError, match="image_placement='middle'"):
+        tokenize_conversation(conversation(), "vicuna_short", word_tok, image_placement="middle")
+
+
 def test_chatml_mask_smollm2(smollm2):
     tokenized = tokenize_conversation(conversation(), "chatml", smollm2)
     trained = [smollm2.token(i) for i, label in zip(tokenized.ids, tokenized.labels) if label != IGNORE_INDEX]
@@ -258,6 +278,21 @@ def test_prompt_features(template, word_tok, smollm2):
     assert tail == generation_prompt[template]
     before = [tok.token(i) for i in f["tokens"][-len(generation_prompt[template]) - 6:]]
     assert "circle" not in before and ("shape" in before or "Ġshape" in before)  # last answer left out
+
+
+def test_features_image_after_text(word_tok):
+    spec = _spec(image_placement="after_text")
+    record = {"id": 3, "image": "x.png", "conversations": conversation()}
+    f = make_features(record, word_tok, spec, image=_image(spec))
+    slots = np.flatnonzero(f["image_mask"])
+    assert len(slots) == 5 and np.all(np.diff(slots) == 1)
+    before = [word_tok.token(i) for i in f["tokens"][:slots[0]]]
+    assert before[-6:] == ["what", "color", "is", "the", "shape", "?"]  # the question, then the K image slots
+    front = make_features(record, word_tok, _spec(), image=_image(spec))
+    np.testing.assert_array_equal(f["instruction"], front["instruction"])  # the fusion's instruction is the same
+    assert (f["labels"] != IGNORE_INDEX).sum() == (front["labels"] != IGNORE_INDEX).sum() == 4
+    with pytest.raises(ValueError, match="FeatureSpec.image_placement"):
+        _spec(image_placement="end")
 
 
 def test_text_only_sample(word_tok):

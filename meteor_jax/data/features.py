@@ -10,8 +10,8 @@ from typing import Mapping
 
 import numpy as np
 
-from meteor_jax.data.templates import (IGNORE_INDEX, TEMPLATES, InvalidConversation, TokenizationMismatch,
-                                       instruction_text, tokenize_conversation)
+from meteor_jax.data.templates import (IGNORE_INDEX, IMAGE_PLACEMENTS, TEMPLATES, InvalidConversation,
+                                       TokenizationMismatch, instruction_text, tokenize_conversation)
 from meteor_jax.data.tokenizer import Tokenizer
 
 
@@ -30,12 +30,16 @@ class FeatureSpec:
     num_image_tokens: int   # K (= model selection.keep)
     image_size: int
     template: str
+    image_placement: str = "front"  # where the "<image>" slots go in the user turn (templates.IMAGE_PLACEMENTS)
     image_mean: tuple = (0.48145466, 0.4578275, 0.40821073)   # CLIP
     image_std: tuple = (0.26862954, 0.26130258, 0.27577711)
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
             raise ValueError(f"FeatureSpec.template={self.template!r} is unknown; known: {sorted(TEMPLATES)}")
+        if self.image_placement not in IMAGE_PLACEMENTS:
+            raise ValueError(f"FeatureSpec.image_placement={self.image_placement!r}; expected one of "
+                             f"{IMAGE_PLACEMENTS}")
         for name in ("max_len", "instruction_len", "num_image_tokens", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FeatureSpec.{name}={getattr(self, name)} must be >= 1")
@@ -92,7 +96,8 @@ def _tokens(record, tokenizer, spec, image, add_generation_prompt):
         if not isinstance(record.get("conversations"), (list, tuple)):
             raise InvalidConversation("no 'conversations' list")
         tokenized = tokenize_conversation(record["conversations"], spec.template, tokenizer,
-                                          add_generation_prompt=add_generation_prompt, sample_id=record.get("id"))
+                                          add_generation_prompt=add_generation_prompt, sample_id=record.get("id"),
+                                          image_placement=spec.image_placement)
     except InvalidConversation as e:
         raise SkipSample("malformed conversation", f"sample {record.get('id')!r}: {e}") from e
     except TokenizationMismatch as e:  # no exact label mask for this sample: skipped under the mismatch's reason

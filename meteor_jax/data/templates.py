@@ -31,6 +31,9 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # its chat template's default
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+# Where a user turn's lone "<image>" goes: "front" (LLaVA's preprocess_multimodal: "<image>\n" + the question) or
+# "after_text" (the question + "\n<image>"), so that in a causal decoder every visual token sees the question.
+IMAGE_PLACEMENTS = ("front", "after_text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,20 +99,22 @@ def instruction_text(conversation: Sequence[Mapping]) -> str:
 
 
 def tokenize_conversation(conversation: Sequence[Mapping], template: str, tokenizer: Tokenizer, *,
-                          add_generation_prompt: bool = False, sample_id=None) -> Tokenized:
+                          add_generation_prompt: bool = False, sample_id=None,
+                          image_placement: str = "front") -> Tokenized:
     """Token ids, labels and placeholder positions of a LLaVA conversation ([{from: human|gpt, value}, ...]).
 
     A BOS id comes first when `tokenizer.add_bos` (as an id, never as text; the tokenizer's own post-processor is
     not used, so there is exactly one). With `add_generation_prompt` the last answer is left out and the ids are
     those of the text that ends where the answer would start. A token is trained when all the characters it covers
     are (answers with the space before them and their eos); a token that covers no character (a prepended "▁")
-    takes the label of the character at its position. Raises `InvalidConversation`, or `TokenizationMismatch`
-    (naming the template, `sample_id`, the token's position and a `reason`).
+    takes the label of the character at its position. `image_placement` (IMAGE_PLACEMENTS) says where a user turn's
+    single placeholder goes. Raises `InvalidConversation`, or `TokenizationMismatch` (naming the template,
+    `sample_id`, the token's position and a `reason`).
     """
     if template not in TEMPLATES:
         raise KeyError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
     eos = tokenizer.eos_token
-    pieces = _render(conversation, TEMPLATES[template], eos, add_generation_prompt)
+    pieces = _render(conversation, TEMPLATES[template], eos, add_generation_prompt, image_placement)
     text = "".join(piece for piece, _, _ in pieces)
     trained = bytearray(len(text))  # 1 where the character is trained
     eos_starts, at = [], 0
@@ -167,9 +172,10 @@ def tokenize_conversation(conversation: Sequence[Mapping], template: str, tokeni
     return Tokenized(ids, labels, image_positions, text)
 
 
-def _render(conversation, template: Template, eos: str, add_generation_prompt: bool) -> list[tuple[str, bool, bool]]:
+def _render(conversation, template: Template, eos: str, add_generation_prompt: bool,
+            image_placement: str = "front") -> list[tuple[str, bool, bool]]:
     """The rendered text as (text, trained, is_eos) pieces in order; `is_eos` marks each eos the template wrote."""
-    rounds = _rounds(conversation, add_generation_prompt)
+    rounds = _rounds(conversation, add_generation_prompt, image_placement)
     if template.image_only_prompt:
         rounds = rounds[:1]
         rounds = [(IMAGE_TOKEN * question.count(IMAGE_TOKEN), None if add_generation_prompt else answer)
@@ -191,16 +197,20 @@ def _render(conversation, template: Template, eos: str, add_generation_prompt: b
     return [piece for piece in pieces if piece[0]]
 
 
-def _rounds(conversation, add_generation_prompt: bool) -> list[tuple[str, str | None]]:
-    """[(question, answer or None)]: values stripped, a lone placeholder moved to the front of its turn."""
+def _rounds(conversation, add_generation_prompt: bool, image_placement: str = "front") -> list[tuple[str, str | None]]:
+    """[(question, answer or None)]: values stripped, a lone placeholder moved to the front of its turn ("front")
+    or to its end ("after_text")."""
+    if image_placement not in IMAGE_PLACEMENTS:
+        raise ValueError(f"image_placement={image_placement!r}; expected one of {IMAGE_PLACEMENTS}")
     turns = []
     for turn in conversation:
         if not (isinstance(turn, Mapping) and turn.get("from") in ROLES and isinstance(turn.get("value"), str)):
             raise InvalidConversation(f"bad turn {turn!r}: expected {{from: human|gpt, value: str}}")
         role, value = ROLES[turn["from"]], turn["value"]
         if role == "user" and value.count(IMAGE_TOKEN) == 1:
-            # As LLaVA's preprocess_multimodal: "<image>\n" + the rest of the turn.
-            value = IMAGE_TOKEN + "\n" + value.replace(IMAGE_TOKEN, "").strip()
+            rest = value.replace(IMAGE_TOKEN, "").strip()
+            # "front" as LLaVA's preprocess_multimodal: "<image>\n" + the rest of the turn.
+            value = IMAGE_TOKEN + "\n" + rest if image_placement == "front" else rest + "\n" + IMAGE_TOKEN
         turns.append((role, value.strip()))
     if turns and turns[0][0] == "assistant":  # LLaVA skips a leading assistant turn
         turns = turns[1:]
