@@ -75,9 +75,13 @@ def _detect(rgb: np.ndarray) -> list[dict]:
 
 def _solve(question: str, objects: list[dict]) -> str:
     """Answer a question from the detected objects (the question text names exactly one of them, or asks for all
-    of them in quadrant order)."""
+    of them in quadrant order or in the order circle, square, triangle, cross)."""
     if question == "Describe the image.":
         return " and ".join(f"{o['colour']} {o['shape']} {o['position']}" for o in objects)
+    if question == "Describe each shape.":
+        order = ["circle", "square", "triangle", "cross"]
+        return " and ".join(f"{o['shape']} {o['colour']} {o['position']}"
+                            for o in sorted(objects, key=lambda o: order.index(o["shape"])))
     patterns = [(r"What colour is the (\w+)\?", "shape", "colour"), (r"What shape is the (\w+) object\?", "colour",
                                                                       "shape"),
                 (r"Where is the (\w+) object\?", "colour", "position"), (r"Where is the (\w+)\?", "shape", "position")]
@@ -99,10 +103,11 @@ def test_every_answer_is_read_from_the_named_objects_pixels(objects):
     """Generated answers (descriptions included) equal what a pixel-level solver reads from the named object's
     region, and the recorded bounding box is that object's."""
     images, records = shapes.make_split("train", 150, seed=11, questions_per_image=16, objects=objects, exists=2,
-                                        describe=1)
+                                        describe=2)
     assert len({r["id"] for r in records}) == len(records)
-    assert len(records) == sum(4 * r["num_objects"] + 3 for r in records if r["id"].endswith("_0"))
+    assert len(records) == sum(4 * r["num_objects"] + 4 for r in records if r["id"].endswith("_0"))
     assert sum(r["question_type"] == shapes.DESCRIBE for r in records) == 150
+    assert sum(r["question_type"] == shapes.DESCRIBE_SHAPES for r in records) == 150
     detected = {name: _detect(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))) for name, data in images.items()}
     counts = {r["image"]: r["num_objects"] for r in records}
     assert set(counts.values()) == set(objects)
@@ -116,7 +121,8 @@ def test_every_answer_is_read_from_the_named_objects_pixels(objects):
         objects = detected[r["image"]]
         assert _solve(question, objects) == answer, (r["id"], question, answer, objects)
         if r["target"] is None:
-            assert (r["question_type"], answer) == (shapes.EXISTS, "no") or r["question_type"] == shapes.DESCRIBE
+            assert ((r["question_type"], answer) == (shapes.EXISTS, "no")
+                    or r["question_type"] in (shapes.DESCRIBE, shapes.DESCRIBE_SHAPES))
             continue
         target = next(o for o in objects if o["position"] == r["target"]["position"])
         assert target["bbox"] == r["target"]["bbox"], r["id"]
@@ -124,7 +130,7 @@ def test_every_answer_is_read_from_the_named_objects_pixels(objects):
     # 16 questions per image (at most 4 per object): every (type, object) pair exactly once
     by_image = {}
     for r in records:
-        if r["question_type"] not in (shapes.EXISTS, shapes.DESCRIBE):
+        if r["question_type"] not in (shapes.EXISTS, shapes.DESCRIBE, shapes.DESCRIBE_SHAPES):
             by_image.setdefault(r["image"], []).append((r["question_type"], r["target"]["position"]))
     assert all(len(set(asked)) == len(asked) == 4 * counts[name] for name, asked in by_image.items())
 
@@ -279,7 +285,7 @@ def test_cli_writes_the_dataset(tmp_path):
     (["--train", "2", "--test", "1", "--test_objects", "5"], r"--test_objects must be .* in \[1, 4\]"),
     (["--train", "2", "--test", "1", "--train_objects", "1,two"], "expected comma-separated integers"),
     (["--train", "2", "--test", "1", "--train_exists", "-1"], "--train_exists must be >= 0"),
-    (["--train", "2", "--test", "1", "--train_describe", "2"], "--train_describe must be 0 or 1"),
+    (["--train", "2", "--test", "1", "--train_describe", "3"], "--train_describe must be 0, 1 or 2"),
 ])
 def test_cli_errors(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
