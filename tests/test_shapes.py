@@ -98,12 +98,22 @@ def _solve(question: str, objects: list[dict]) -> str:
     raise AssertionError(f"unexpected question {question!r}")
 
 
+@pytest.mark.parametrize("describe, kinds", [(0, set()), (1, {shapes.DESCRIBE}), (2, {shapes.DESCRIBE_SHAPES}),
+                                             (3, {shapes.DESCRIBE, shapes.DESCRIBE_SHAPES})])
+def test_describe_bits(describe, kinds):
+    _, records = shapes.make_split("train", 6, seed=2, describe=describe)
+    found = [r["question_type"] for r in records if r["question_type"].startswith("describe")]
+    assert set(found) == kinds and len(found) == 6 * len(kinds)  # one of each asked kind per image
+    with pytest.raises(ValueError, match="describe is a set of bits"):
+        shapes.make_split("train", 1, seed=2, describe=4)
+
+
 @pytest.mark.parametrize("objects", [(4,), (1, 2, 3, 4)])
 def test_every_answer_is_read_from_the_named_objects_pixels(objects):
     """Generated answers (descriptions included) equal what a pixel-level solver reads from the named object's
     region, and the recorded bounding box is that object's."""
     images, records = shapes.make_split("train", 150, seed=11, questions_per_image=16, objects=objects, exists=2,
-                                        describe=2)
+                                        describe=3)
     assert len({r["id"] for r in records}) == len(records)
     assert len(records) == sum(4 * r["num_objects"] + 4 for r in records if r["id"].endswith("_0"))
     assert sum(r["question_type"] == shapes.DESCRIBE for r in records) == 150
@@ -285,7 +295,7 @@ def test_cli_writes_the_dataset(tmp_path):
     (["--train", "2", "--test", "1", "--test_objects", "5"], r"--test_objects must be .* in \[1, 4\]"),
     (["--train", "2", "--test", "1", "--train_objects", "1,two"], "expected comma-separated integers"),
     (["--train", "2", "--test", "1", "--train_exists", "-1"], "--train_exists must be >= 0"),
-    (["--train", "2", "--test", "1", "--train_describe", "3"], "--train_describe must be 0, 1 or 2"),
+    (["--train", "2", "--test", "1", "--train_describe", "4"], r"--train_describe must be 0 to 3"),
 ])
 def test_cli_errors(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:

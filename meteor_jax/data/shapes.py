@@ -19,10 +19,10 @@ colour and ask for another of its attributes:
 
 Every image gets `questions_per_image` questions (default 4: one of each type, about different objects where
 possible; at most 4 per object). Training images also get `--train_exists` (default 1) yes/no questions "Is there a
-red object?" / "Is there a cross?" (half of them yes); the test split has none of them. With `--train_describe 1`
-each training image also gets "Describe the image." → its objects in quadrant order ("red cross top left and purple
-triangle top right"), LLaVA's stage-1 caption; with 2 also "Describe each shape." → its objects in shape order, each
-shape first ("circle yellow bottom left and cross red top left"). The named object is drawn uniformly, so within a question type every
+red object?" / "Is there a cross?" (half of them yes); the test split has none of them. `--train_describe` is a set
+of bits: with 1 each training image also gets "Describe the image." → its objects in quadrant order ("red cross top
+left and purple triangle top right"), LLaVA's stage-1 caption; with 2 "Describe each shape." → its objects in shape
+order, each shape first ("circle yellow bottom left and cross red top left"); 3 gives both. The named object is drawn uniformly, so within a question type every
 answer is equally likely and the question alone gives no more than the uniform prior (1/6 colour, 1/4 otherwise):
 `text_prior_accuracy` measures the best text-only predictor (the training split's most common answer for each exact
 question) on the test split, and dataset.json records it.
@@ -80,15 +80,15 @@ TRAIN_EXISTS = 1
 # Training images can also get a description (LLaVA's stage-1 captions): "Describe the image." → every object in
 # quadrant order, "red triangle top left and blue circle bottom right". One answer names every object's colour,
 # shape and quadrant, a dense signal that teaches a from-scratch vision tower what each region holds, where a
-# question names only one object and asks one of its attributes. A second description (`--train_describe 2`), "Describe
-# each shape." → "circle red top left and cross blue bottom right", lists the objects in shape order with the shape
-# first: the quadrant-order one teaches reading an object found by its place, this one finding an object by its shape,
-# which questions such as "What colour is the triangle?" need and which questions alone teach slowest.
+# question names only one object and asks one of its attributes. The other description (bit 2), "Describe each
+# shape." → "circle red top left and cross blue bottom right", lists the objects in shape order with the shape first:
+# the quadrant-order one teaches reading an object found by its place, this one finding an object by its shape, which
+# questions such as "What colour is the triangle?" need and which questions alone teach slowest.
 DESCRIBE = "describe"
 DESCRIBE_QUESTION = "Describe the image."
 DESCRIBE_SHAPES = "describe_shapes"
 DESCRIBE_SHAPES_QUESTION = "Describe each shape."
-MAX_DESCRIBE = 2
+DESCRIBE_IMAGE_BIT, DESCRIBE_SHAPES_BIT = 1, 2  # `describe` / `--train_describe` is a set of these bits (0..3)
 TRAIN_DESCRIBE = 0
 COLOUR_JITTER = 12  # each channel of an object's colour moves by at most this much
 BACKGROUND = (170, 235)  # the grey level of the background, uniform in [lo, hi]
@@ -180,8 +180,8 @@ def make_split(split: str, num_images: int, seed: int, image_size: int = 64, que
     """The PNG bytes by file name and the LLaVA records of one split (records in image order). Each image holds
     one of `objects` objects (drawn uniformly; default TRAIN_OBJECTS or TEST_OBJECTS) and gets
     min(questions_per_image, 4 × its objects) questions, then `exists` existence questions (default TRAIN_EXISTS
-    for train, 0 for test), then `describe` (0, 1 or 2; default TRAIN_DESCRIBE for train, 0 for test) descriptions:
-    the quadrant-order one, then the shape-order one."""
+    for train, 0 for test), then the descriptions `describe` asks for (bits: 1 the quadrant-order one, 2 the
+    shape-order one; default TRAIN_DESCRIBE for train, 0 for test)."""
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
     if objects is None:
@@ -192,8 +192,8 @@ def make_split(split: str, num_images: int, seed: int, image_size: int = 64, que
         raise ValueError(f"the number of existence questions per image must be >= 0, got {exists}")
     if describe is None:
         describe = TRAIN_DESCRIBE if split == "train" else 0
-    if describe not in range(MAX_DESCRIBE + 1):
-        raise ValueError(f"the number of descriptions per image must be 0, 1 or 2, got {describe}")
+    if describe not in range(4):
+        raise ValueError(f"describe is a set of bits (1: by quadrant, 2: by shape), 0 to 3, got {describe}")
     check_args(num_images=num_images, seed=seed, image_size=image_size, questions_per_image=questions_per_image,
                objects=objects, allow_zero=True)
     objects = tuple(int(n) for n in objects)
@@ -218,9 +218,9 @@ def make_split(split: str, num_images: int, seed: int, image_size: int = 64, que
             asked.append((qtype, *_question(qtype, obj), obj))
         for _ in range(exists):
             asked.append((EXISTS, *_exists_question(rng, drawn)))
-        if describe >= 1:
+        if describe & DESCRIBE_IMAGE_BIT:
             asked.append((DESCRIBE, DESCRIBE_QUESTION, describe_answer(drawn), None))
-        if describe >= 2:
+        if describe & DESCRIBE_SHAPES_BIT:
             asked.append((DESCRIBE_SHAPES, DESCRIBE_SHAPES_QUESTION, describe_shapes_answer(drawn), None))
         for q, (qtype, question, answer, obj) in enumerate(asked):
             target = None if obj is None else dict(shape=obj.shape, colour=obj.colour, position=obj.position,
@@ -311,8 +311,8 @@ def check_args(*, num_images: int | None = None, num_train: int | None = None, n
                          f"objects), got {questions_per_image}")
     if train_exists < 0:
         raise ValueError(f"--train_exists must be >= 0, got {train_exists}")
-    if train_describe not in range(MAX_DESCRIBE + 1):
-        raise ValueError(f"--train_describe must be 0, 1 or 2, got {train_describe}")
+    if train_describe not in range(4):
+        raise ValueError(f"--train_describe must be 0 to 3 (bits: 1 by quadrant, 2 by shape), got {train_describe}")
     for flag, counts in (("objects", objects), ("--train_objects", train_objects), ("--test_objects", test_objects)):
         if counts is not None and (not len(counts) or any(not 1 <= int(n) <= len(POSITIONS) for n in counts)):
             raise ValueError(f"{flag} must be a non-empty list of object counts in [1, {len(POSITIONS)}], "
@@ -445,9 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--train_exists", type=int, default=TRAIN_EXISTS,
                         help=f"yes/no existence questions per training image (default {TRAIN_EXISTS}; test: none)")
     parser.add_argument("--train_describe", type=int, default=TRAIN_DESCRIBE,
-                        help=f"0, 1 or 2: give each training image a description \"{DESCRIBE_QUESTION}\" → its "
-                             f"objects in quadrant order, and with 2 also \"{DESCRIBE_SHAPES_QUESTION}\" → its objects "
-                             f"in shape order (default {TRAIN_DESCRIBE}; test: none)")
+                        help=f"bits, 0 to 3: 1 gives each training image \"{DESCRIBE_QUESTION}\" → its objects in "
+                             f"quadrant order, 2 \"{DESCRIBE_SHAPES_QUESTION}\" → its objects in shape order, 3 both "
+                             f"(default {TRAIN_DESCRIBE}; test: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
