@@ -26,10 +26,11 @@ from configs import common
 from meteor_jax.data import shapes
 
 DEFAULT_DIR = "/tmp/meteor_shapes_v2"  # v2: with the shape-order descriptions
-NUM_TRAIN, NUM_TEST, SEED = 10_000, 1_000, 0  # images (4 questions each; in train + 1 existence question, 1 description)
+NUM_TRAIN, NUM_TEST, SEED = 10_000, 1_000, 0  # images (4 questions each; train: + 1 existence question + 1 description)
 DESCRIBE = shapes.DESCRIBE_SHAPES_BIT
 KEEP = 64  # of 64 patches (64 px images, 8 px patches)
-TEXT_LEN = 32  # the longest sample's text: "USER: Describe each shape.\n<image> ASSISTANT:" + 4 × 4 words + 3 "and" + </s>
+# The longest sample's text: "<s> USER: Describe each shape.\n<image> ASSISTANT:" + 4 × 4 words + 3 "and" + </s>.
+TEXT_LEN = 32
 
 
 def get_config(arg: str | None = None):

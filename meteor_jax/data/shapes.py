@@ -22,8 +22,9 @@ possible; at most 4 per object). Training images also get `--train_exists` (defa
 red object?" / "Is there a cross?" (half of them yes); the test split has none of them. `--train_describe` is a set
 of bits: with 1 each training image also gets "Describe the image." → its objects in quadrant order ("red cross top
 left and purple triangle top right"), LLaVA's stage-1 caption; with 2 "Describe each shape." → its objects in shape
-order, each shape first ("circle yellow bottom left and cross red top left"); 3 gives both. The named object is drawn uniformly, so within a question type every
-answer is equally likely and the question alone gives no more than the uniform prior (1/6 colour, 1/4 otherwise):
+order, each shape first ("circle yellow bottom left and cross red top left"); 3 gives both. The named object is
+drawn uniformly, so within a question type every answer is equally likely and the question alone gives no more than
+the uniform prior (1/6 colour, 1/4 otherwise):
 `text_prior_accuracy` measures the best text-only predictor (the training split's most common answer for each exact
 question) on the test split, and dataset.json records it.
 
@@ -256,7 +257,8 @@ def describe_answer(drawn: Sequence[Obj]) -> str:
 
 def describe_shapes_answer(drawn: Sequence[Obj]) -> str:
     """"circle red top left and cross blue bottom right": the objects in SHAPES order, each shape first."""
-    return " and ".join(f"{o.shape} {o.colour} {o.position}" for o in sorted(drawn, key=lambda o: SHAPES.index(o.shape)))
+    ordered = sorted(drawn, key=lambda o: SHAPES.index(o.shape))
+    return " and ".join(f"{o.shape} {o.colour} {o.position}" for o in ordered)
 
 
 def question_text(record: dict) -> str:
