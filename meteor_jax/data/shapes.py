@@ -89,7 +89,8 @@ DESCRIBE = "describe"
 DESCRIBE_QUESTION = "Describe the image."
 DESCRIBE_SHAPES = "describe_shapes"
 DESCRIBE_SHAPES_QUESTION = "Describe each shape."
-DESCRIBE_IMAGE_BIT, DESCRIBE_SHAPES_BIT = 1, 2  # `describe` / `--train_describe` is a set of these bits (0..3)
+DESCRIBE_IMAGE_BIT, DESCRIBE_SHAPES_BIT = 1, 2  # `describe` / `--train_describe` is a set of these bits
+ALL_DESCRIPTIONS = DESCRIBE_IMAGE_BIT | DESCRIBE_SHAPES_BIT
 TRAIN_DESCRIBE = 0
 COLOUR_JITTER = 12  # each channel of an object's colour moves by at most this much
 BACKGROUND = (170, 235)  # the grey level of the background, uniform in [lo, hi]
@@ -193,7 +194,7 @@ def make_split(split: str, num_images: int, seed: int, image_size: int = 64, que
         raise ValueError(f"the number of existence questions per image must be >= 0, got {exists}")
     if describe is None:
         describe = TRAIN_DESCRIBE if split == "train" else 0
-    if describe not in range(4):
+    if not 0 <= describe <= ALL_DESCRIPTIONS:
         raise ValueError(f"describe is a set of bits (1: by quadrant, 2: by shape), 0 to 3, got {describe}")
     check_args(num_images=num_images, seed=seed, image_size=image_size, questions_per_image=questions_per_image,
                objects=objects, allow_zero=True)
@@ -313,7 +314,7 @@ def check_args(*, num_images: int | None = None, num_train: int | None = None, n
                          f"objects), got {questions_per_image}")
     if train_exists < 0:
         raise ValueError(f"--train_exists must be >= 0, got {train_exists}")
-    if train_describe not in range(4):
+    if not 0 <= train_describe <= ALL_DESCRIPTIONS:
         raise ValueError(f"--train_describe must be 0 to 3 (bits: 1 by quadrant, 2 by shape), got {train_describe}")
     for flag, counts in (("objects", objects), ("--train_objects", train_objects), ("--test_objects", test_objects)):
         if counts is not None and (not len(counts) or any(not 1 <= int(n) <= len(POSITIONS) for n in counts)):
