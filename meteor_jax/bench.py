@@ -162,4 +162,4 @@ def _write_out(report) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,12 +1,24 @@
 """What every `python -m meteor_jax.*` entry point sets up the same way: absl logging at INFO for our own
-messages, with the libraries' chatter dropped (Orbax logs every checkpoint phase at INFO)."""
+messages, with the libraries' chatter dropped (Orbax logs every checkpoint phase at INFO), and glibc's
+huge-page malloc (`run`)."""
 from __future__ import annotations
 
 import logging as std_logging
+import os
+import platform
+import sys
 import time
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
-from absl import logging
+from absl import app, logging
+
+# XLA's CPU runtime allocates an executable's temporaries afresh on every call. Above glibc's mmap threshold
+# (32 MiB at most) each allocation is a fresh mapping that the kernel zero-fills one 4 KiB page at a time: the
+# shapes recipe's train step took 2.9M page faults a run and 0.235 s a step. With this tunable (glibc >= 2.35)
+# malloc asks for 2 MiB transparent huge pages on those mappings: 0.29M faults, 0.140 s a step, same numbers.
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+HUGE_PAGES_OPT_OUT = "METEOR_JAX_HUGE_PAGES"  # set to 0 to keep the process as started
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 # Libraries whose INFO records are noise on a console; their warnings and errors still show.
 QUIET_LIBRARIES = ("/orbax/",)
@@ -31,3 +43,51 @@ def timed(fn: Callable[[], object], repeats: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def _thp_mode() -> str | None:
+    """The kernel's transparent-huge-page mode ('always', 'madvise', 'never'), or None where unknown."""
+    try:
+        with open(THP_SETTING) as f:
+            text = f.read()
+    except OSError:
+        return None
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else None
+
+
+def huge_pages_environment(env: Mapping[str, str], libc: tuple[str, str], thp_mode: str | None) -> dict | None:
+    """The environment to restart with so that glibc's malloc uses huge pages, or None when there is nothing to
+    do: already set (or set otherwise by the user), opted out, not glibc >= 2.35, or THP off or unknown."""
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if env.get(HUGE_PAGES_OPT_OUT, "1") == "0" or "glibc.malloc.hugetlb" in tunables:
+        return None
+    name, version = libc
+    try:
+        new_enough = name == "glibc" and tuple(int(v) for v in version.split(".")[:2]) >= (2, 35)
+    except ValueError:
+        new_enough = False
+    if not new_enough or thp_mode not in ("always", "madvise"):
+        return None
+    return {**env, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE}
+
+
+def reexec_with_huge_pages(argv: Sequence[str] | None = None) -> None:
+    """Replace this process by the same command with `HUGE_PAGES_TUNABLE` set, where that helps (see
+    `huge_pages_environment`); glibc reads tunables only at start-up, hence the restart. Returns where nothing
+    is to be done. Call it first, before JAX or threads start (the PID, open files and arguments stay)."""
+    if not sys.platform.startswith("linux"):
+        return
+    env = huge_pages_environment(os.environ, platform.libc_ver(), _thp_mode())
+    if env is None:
+        return
+    argv = list(sys.orig_argv if argv is None else argv)
+    print(f"meteor_jax: restarting with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (huge pages for XLA's CPU buffers; "
+          f"{HUGE_PAGES_OPT_OUT}=0 turns this off)", file=sys.stderr, flush=True)
+    os.execve(sys.executable, argv, env)
+
+
+def run(main: Callable) -> None:
+    """An entry point's `__main__`: the huge-page restart, then `absl.app.run(main)`."""
+    reexec_with_huge_pages()
+    app.run(main)

@@ -2,7 +2,7 @@
 
 Trains (resuming from DIR's latest checkpoint if there is one), evaluates, and writes DIR/results.json.
 """
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from meteor_jax import cli
@@ -47,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
