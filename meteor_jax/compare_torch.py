@@ -137,9 +137,9 @@ def compare(*, vision: dict | None = None, text: dict | None = None, fusion: dic
     """Time transformers' LLaVA against ours on one geometry (module docstring); returns a JSON-able report.
 
     `vision` / `text`: CLIPVisionConfig / LlamaConfig fields (default: the issue's VISION, TEXT); `fusion`:
-    FusionConfig overrides for the Meteor rows (default dim = the vision width). `train_vision`: the vision tower
-    is trained on both sides (False: frozen on both). Raises if our logits differ from transformers' by more than
-    `parity_tol` (max |Δ|)."""
+    FusionConfig overrides for the Meteor rows (default: dim = the vision width, the backend's fastest scan).
+    `train_vision`: the vision tower is trained on both sides (False: frozen on both). Raises if our logits differ
+    from transformers' by more than `parity_tol` (max |Δ|)."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -171,7 +171,11 @@ def compare(*, vision: dict | None = None, text: dict | None = None, fusion: dic
         hf.save_pretrained(tmp)
         base = meteor_config_from_llava(tmp, projector="mlp")
         base = dataclasses.replace(base, vision=dataclasses.replace(base.vision, trainable=train_vision))
-        fusion_cfg = FusionConfig(**{"dim": vision["hidden_size"], **(fusion or {})})
+        # The fastest scan of each backend: on CPU the Pallas kernel in interpret mode (plain XLA loops, 0.63x the
+        # sequential scan's fwd+bwd time at this geometry; `bench --scan 2,608,512,16`); elsewhere the chunked
+        # scan, since the kernel has not been compiled for a GPU or TPU yet.
+        scan_impl = "pallas" if jax.default_backend() == "cpu" else "chunked"
+        fusion_cfg = FusionConfig(**{"dim": vision["hidden_size"], "scan_impl": scan_impl, **(fusion or {})})
         variants = {"mlp": (base, num_patches)}
         for k in keeps:
             variants[f"meteor_{k}"] = (dataclasses.replace(base, projector="meteor", fusion=fusion_cfg,
@@ -252,6 +256,7 @@ def compare(*, vision: dict | None = None, text: dict | None = None, fusion: dic
                               text_len=text_len, answer_len=answer_len, visual_tokens=num_patches,
                               train_vision=train_vision, dtype="float32"),
                 threads=threads, steps=steps, warmup=warmup, jax_backend=jax.default_backend(),
+                glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""),  # huge pages or not (meteor_jax/cli.py)
                 torch_attention=hf.config._attn_implementation,
                 parity=dict(max_abs_logits_diff=max_diff, logits_scale=float(np.abs(hf_logits).max()),
                             loss_ours=ours_loss, loss_transformers=hf_loss),
@@ -263,8 +268,9 @@ def format_table(report: dict) -> str:
     g = report["geometry"]
     head = (f"float32, {report['threads']} threads (torch = XLA), batch {g['batch']}, {g['visual_tokens']} visual + "
             f"{g['text_len']} text tokens, median of {report['steps']} steps; torch attention "
-            f"{report['torch_attention']}; logits max |Δ| {report['parity']['max_abs_logits_diff']:.2e} "
-            f"(scale {report['parity']['logits_scale']:.1f})")
+            f"{report['torch_attention']}; Meteor scan {g['fusion']['scan_impl']}; logits max |Δ| "
+            f"{report['parity']['max_abs_logits_diff']:.2e} (scale {report['parity']['logits_scale']:.1f}); "
+            f"GLIBC_TUNABLES={report['glibc_tunables'] or '(unset)'}")
     lines = [head, f"{'':<12}{'tokens':>7}{'fwd+bwd s':>11}{'ratio':>8}{'forward s':>11}{'ratio':>8}"]
     for name, r in report["rows"].items():
         ratio = lambda m: f"{r[m]:>8.2f}" if m in r else f"{'ref':>8}"  # noqa: E731

@@ -27,8 +27,9 @@ def test_compare_tiny():
     for name, row in rows.items():
         assert row["fwd_bwd"] > 0 and row["forward"] > 0
         assert ("fwd_bwd_ratio" in row) == (name not in ("llava", "llama"))
+    assert report["geometry"]["fusion"]["scan_impl"] == "pallas"  # CPU's fastest scan (interpret mode)
     table = compare_torch.format_table(report)
-    assert all(name in table for name in rows)
+    assert all(name in table for name in rows) and "Meteor scan pallas" in table
 
 
 def test_compare_refuses_a_wrong_conversion():
