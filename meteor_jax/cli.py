@@ -8,7 +8,7 @@ import os
 import platform
 import sys
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 from absl import app, logging
 
@@ -72,7 +72,7 @@ def huge_pages_environment(env: Mapping[str, str], libc: tuple[str, str], thp_mo
     return {**env, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE}
 
 
-def reexec_with_huge_pages(argv: Sequence[str] | None = None) -> None:
+def reexec_with_huge_pages() -> None:
     """Replace this process by the same command with `HUGE_PAGES_TUNABLE` set, where that helps (see
     `huge_pages_environment`); glibc reads tunables only at start-up, hence the restart. Returns where nothing
     is to be done. Call it first, before JAX or threads start (the PID, open files and arguments stay)."""
@@ -81,10 +81,9 @@ def reexec_with_huge_pages(argv: Sequence[str] | None = None) -> None:
     env = huge_pages_environment(os.environ, platform.libc_ver(), _thp_mode())
     if env is None:
         return
-    argv = list(sys.orig_argv if argv is None else argv)
     print(f"meteor_jax: restarting with GLIBC_TUNABLES={env['GLIBC_TUNABLES']} (huge pages for XLA's CPU buffers; "
           f"{HUGE_PAGES_OPT_OUT}=0 turns this off)", file=sys.stderr, flush=True)
-    os.execve(sys.executable, argv, env)
+    os.execve(sys.executable, sys.orig_argv, env)
 
 
 def run(main: Callable) -> None:

@@ -37,7 +37,7 @@ def test_huge_pages_environment(env, libc, thp, expected):
     not sys.platform.startswith("linux")
     or cli.huge_pages_environment({}, platform.libc_ver(), cli._thp_mode()) is None,
     reason="needs Linux with glibc >= 2.35 and transparent huge pages")
-def test_reexec_restarts_once_with_the_same_arguments(tmp_path):
+def test_reexec_restarts_once_with_the_same_arguments():
     code = ("import os, sys; from meteor_jax import cli; cli.reexec_with_huge_pages(); "
             "print(os.environ['GLIBC_TUNABLES'], os.getpid(), sys.argv[1:])")
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", cli.HUGE_PAGES_OPT_OUT)}
