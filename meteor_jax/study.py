@@ -3,6 +3,8 @@ budget by the main job's own loop, then scored on the config's eval split.
 
   python -m meteor_jax.study --config configs/demo.py --workdir DIR \
       --projectors meteor,mlp,pool,cls_prune,random --keep 4,8,16,64 [--config.train.num_steps=600 ...]
+  python -m meteor_jax.study --config configs/shapes.py --workdir DIR --projectors meteor:4:16,pool,cls_prune,random,mlp \
+      --keep 4     # meteor at 4 and 16 tokens, the baselines at 4
 
 Each (variant, K) is a whole run in DIR/VARIANT-kK (results.json, metrics, checkpoints, and its table row
 study_row.json): a study that stops resumes where it stopped, and finished runs are reused. `mlp` (LLaVA-1.5's projector) always sees all N tokens, so it runs
@@ -29,17 +31,19 @@ from ml_collections import config_flags
 from meteor_jax import cli
 
 # Variant name → overrides of config.model. The baselines share the whole pipeline (vision tower, LLM, data, loop).
+# The Meteor variants name the projector too, so a study from a config whose own projector is a baseline (e.g.
+# configs/shapes.py, which trains the MLP) still trains Meteor.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "meteor": {},
+    "meteor": dict(projector="meteor"),
     "mlp": dict(projector="mlp"),  # LLaVA-1.5 mlp2x_gelu on all N tokens
     "pool": dict(projector="pool"),  # average pooling to K (M3 / DeCo style)
     "cls_prune": dict(projector="cls_prune"),  # the K patches the [CLS] token attends to most (FasterVLM style)
     "random": dict(projector="random"),  # K random patches per image
-    "meteor-visual": dict(selection=dict(aggregate="visual")),  # visual expert only
-    "meteor-native": dict(selection=dict(aggregate="native")),  # native ([CLS]-attention) expert only
-    "meteor-noinstr": dict(fusion=dict(use_instruction=False)),  # no instruction in the fusion
-    "meteor-nolocal": dict(fusion=dict(local_kernel=0)),  # no local step before the scan
-    "meteor-unidir": dict(fusion=dict(bidirectional=False)),  # one scan direction
+    "meteor-visual": dict(projector="meteor", selection=dict(aggregate="visual")),  # the visual expert only
+    "meteor-native": dict(projector="meteor", selection=dict(aggregate="native")),  # the [CLS]-attention expert only
+    "meteor-noinstr": dict(projector="meteor", fusion=dict(use_instruction=False)),  # no instruction in the fusion
+    "meteor-nolocal": dict(projector="meteor", fusion=dict(local_kernel=0)),  # no local step before the scan
+    "meteor-unidir": dict(projector="meteor", fusion=dict(bidirectional=False)),  # one scan direction
 }
 
 if __name__ == "__main__":  # flags only for the CLI: tests import run_study next to other entry points' flags
@@ -48,8 +52,9 @@ if __name__ == "__main__":  # flags only for the CLI: tests import run_study nex
     flags.DEFINE_string("workdir", None, "Study directory: one run directory per variant and K, and the tables.",
                         required=True)
     flags.DEFINE_list("projectors", ["meteor", "mlp", "pool", "cls_prune", "random"],
-                      f"Variants to train: {', '.join(VARIANTS)}.")
-    flags.DEFINE_list("keep", ["4", "8", "16", "64"], "Kept visual token counts.")
+                      f"Variants to train: {', '.join(VARIANTS)}; `name:K:K...` trains that variant at its own "
+                      "K values instead of --keep's (e.g. meteor:4:16,pool:4).")
+    flags.DEFINE_list("keep", ["4", "8", "16", "64"], "Kept visual token counts (for variants without their own).")
     flags.DEFINE_integer("prefill_repeats", 5, "Timed prefill passes per variant (after one compiling pass).")
     FLAGS = flags.FLAGS
 
@@ -79,16 +84,31 @@ def variant_config(config: ml_collections.ConfigDict, variant: str, keep: int) -
     return checked
 
 
+def parse_variant(entry: str, keeps: list[int]) -> tuple[str, list[int]]:
+    """`name` → (name, keeps); `name:K:K...` → (name, its own Ks). Raises ValueError on an unknown name or a K that
+    is not a positive integer."""
+    name, *own = entry.split(":")
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    try:
+        ks = [int(k) for k in own] if own else list(keeps)
+    except ValueError:
+        raise ValueError(f"{entry!r}: the token counts after the variant's name must be integers") from None
+    if not ks or min(ks) < 1:
+        raise ValueError(f"{entry!r}: needs positive kept-token counts, got {ks}")
+    return name, ks
+
+
 def plan(config: ml_collections.ConfigDict, variants: list[str], keeps: list[int]) -> list[dict]:
-    """[{variant, keep, name, config | skipped}] in order, `mlp` once (all tokens)."""
+    """[{variant, keep, name, config | skipped}] in order, `mlp` once (all tokens). A variant given as
+    `name:K:K...` runs at its own K values instead of `keeps` (see `parse_variant`)."""
     rows, seen = [], set()
-    for variant in variants:
-        for keep in keeps:
+    for entry in variants:
+        variant, variant_keeps = parse_variant(entry, keeps)
+        for keep in variant_keeps:
             try:
                 cfg = variant_config(config, variant, keep)
-            except ValueError as e:
-                if variant not in VARIANTS:
-                    raise
+            except ValueError as e:  # the variant cannot keep K tokens: a row that says why
                 rows.append(dict(variant=variant, keep=keep, name=f"{variant}-k{keep}", skipped=str(e)))
                 continue
             kept = cfg.model.selection.keep
@@ -267,15 +287,17 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.setup_logging()
-    unknown = [v for v in FLAGS.projectors if v not in VARIANTS]
-    if unknown:
-        raise app.UsageError(f"--projectors: unknown {unknown}; known: {', '.join(VARIANTS)}")
     try:
         keeps = [int(k) for k in FLAGS.keep]
     except ValueError:
         raise app.UsageError(f"--keep must be integers, got {FLAGS.keep}") from None
     if not keeps or min(keeps) < 1:
         raise app.UsageError(f"--keep needs positive token counts, got {FLAGS.keep}")
+    for entry in FLAGS.projectors:
+        try:
+            parse_variant(entry, keeps)
+        except ValueError as e:
+            raise app.UsageError(f"--projectors: {e}") from None
     rows = run_study(FLAGS.config, FLAGS.workdir, FLAGS.projectors, keeps, prefill_repeats=FLAGS.prefill_repeats)
     print(markdown(rows, targets(rows), FLAGS.config.data.eval))
 

@@ -26,6 +26,22 @@ def test_variant_config_moves_the_prompt_with_the_image_slots():
         study.variant_config(config, "pool", 2)
     names = [(r["name"], "skipped" in r) for r in study.plan(config, ["mlp", "pool"], [2, 4])]
     assert names == [("mlp-k16", False), ("pool-k2", True), ("pool-k4", False)]  # mlp once
+    # A variant with its own K values; the other variants take the study's.
+    names = [r["name"] for r in study.plan(config, ["meteor:2:8", "pool"], [4])]
+    assert names == ["meteor-k2", "meteor-k8", "pool-k4"]
+    for bad, message in (("fgf:4", "unknown variant 'fgf'"), ("pool:four", "must be integers"),
+                         ("pool:0", "positive")):
+        with pytest.raises(ValueError, match=message):
+            study.plan(config, [bad], [4])
+
+
+def test_meteor_variants_train_meteor_from_a_baseline_config():
+    config = tiny.get_config()
+    config.model.projector = "mlp"  # as configs/shapes.py: the recipe's own projector is LLaVA-1.5's MLP
+    for variant in ("meteor", "meteor-visual", "meteor-noinstr", "meteor-unidir"):
+        cfg = study.variant_config(config, variant, 4)
+        assert (cfg.model.projector, cfg.model.selection.keep) == ("meteor", 4), variant
+    assert study.variant_config(config, "pool", 4).model.projector == "pool"
 
 
 def _row(variant, keep, exact_match, total=64):
