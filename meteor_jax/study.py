@@ -3,13 +3,13 @@ budget by the main job's own loop, then scored on the config's eval split.
 
   python -m meteor_jax.study --config configs/demo.py --workdir DIR \
       --projectors meteor,mlp,pool,cls_prune,random --keep 4,8,16,64 [--config.train.num_steps=600 ...]
-  python -m meteor_jax.study --config configs/shapes.py --workdir DIR --projectors meteor:4:16,pool,cls_prune,random,mlp \
-      --keep 4     # meteor at 4 and 16 tokens, the baselines at 4
+  python -m meteor_jax.study --config configs/shapes.py --workdir DIR \
+      --projectors meteor:4:16,pool,cls_prune,random,mlp --keep 4   # meteor at 4 and 16 tokens, the others at 4
 
 Each (variant, K) is a whole run in DIR/VARIANT-kK (results.json, metrics, checkpoints, and its table row
-study_row.json): a study that stops resumes where it stopped, and finished runs are reused. `mlp` (LLaVA-1.5's projector) always sees all N tokens, so it runs
-once whatever --keep says; a variant that cannot keep K tokens (pool needs a square K dividing the grid) is skipped
-with the reason in the table. Writes DIR/study.json, DIR/study.md (the table and the project's targets) and
+study_row.json): a study that stops resumes where it stopped, and finished runs are reused. `mlp` (LLaVA-1.5's
+projector) always sees all N tokens, so it runs once whatever --keep says; a variant that cannot keep K tokens (pool
+needs a square K dividing the grid) is skipped with the reason in the table. Writes DIR/study.json, DIR/study.md (the table and the project's targets) and
 DIR/study.png (exact match, train step time and prefill time against kept tokens).
 
 Step time is the median over the run's logged intervals; prefill time is one jitted forward pass over a batch of
