@@ -9,8 +9,9 @@ budget by the main job's own loop, then scored on the config's eval split.
 Each (variant, K) is a whole run in DIR/VARIANT-kK (results.json, metrics, checkpoints, and its table row
 study_row.json): a study that stops resumes where it stopped, and finished runs are reused. `mlp` (LLaVA-1.5's
 projector) always sees all N tokens, so it runs once whatever --keep says; a variant that cannot keep K tokens (pool
-needs a square K dividing the grid) is skipped with the reason in the table. Writes DIR/study.json, DIR/study.md (the table and the project's targets) and
-DIR/study.png (exact match, train step time and prefill time against kept tokens).
+needs a square K dividing the grid) is skipped with the reason in the table. Writes DIR/study.json, DIR/study.md
+(the table and the project's targets) and DIR/study.png (exact match, train step time and prefill time against kept
+tokens).
 
 Step time is the median over the run's logged intervals; prefill time is one jitted forward pass over a batch of
 eval prompts (what generation does before its first new token), median of repeats after compilation.
