@@ -4,14 +4,16 @@ budget by the main job's own loop, then scored on the config's eval split.
   python -m meteor_jax.study --config configs/demo.py --workdir DIR \
       --projectors meteor,mlp,pool,cls_prune,random --keep 4,8,16,64 [--config.train.num_steps=600 ...]
   python -m meteor_jax.study --config configs/shapes.py --workdir DIR \
-      --projectors meteor:4:16,pool,cls_prune,random,mlp --keep 4   # meteor at 4 and 16 tokens, the others at 4
+      --projectors meteor:4:16,pool,cls_prune,random,mlp --keep 4 \
+      --ground_truth /tmp/meteor_shapes_v2/test_ground_truth.jsonl   # meteor at 4 and 16 tokens, the others at 4
 
 Each (variant, K) is a whole run in DIR/VARIANT-kK (results.json, metrics, checkpoints, and its table row
 study_row.json): a study that stops resumes where it stopped, and finished runs are reused. `mlp` (LLaVA-1.5's
 projector) always sees all N tokens, so it runs once whatever --keep says; a variant that cannot keep K tokens (pool
 needs a square K dividing the grid) is skipped with the reason in the table. Writes DIR/study.json, DIR/study.md
 (the table and the project's targets) and DIR/study.png (exact match, train step time and prefill time against kept
-tokens).
+tokens). With --ground_truth (JSON lines keyed by question_id, with a `question_type` field, such as the shapes
+generator's test_ground_truth.jsonl), the table also gives each variant's exact match per question type.
 
 Step time is the median over the run's logged intervals; prefill time is one jitted forward pass over a batch of
 eval prompts (what generation does before its first new token), median of repeats after compilation.
@@ -56,6 +58,8 @@ if __name__ == "__main__":  # flags only for the CLI: tests import run_study nex
                       f"Variants to train: {', '.join(VARIANTS)}; `name:K:K...` trains that variant at its own "
                       "K values instead of --keep's (e.g. meteor:4:16,pool:4).")
     flags.DEFINE_list("keep", ["4", "8", "16", "64"], "Kept visual token counts (for variants without their own).")
+    flags.DEFINE_string("ground_truth", None, "Ground truth of the eval split with a `question_type` per question "
+                        "(.json or .jsonl keyed by question_id): adds exact match per question type to the table.")
     flags.DEFINE_integer("prefill_repeats", 5, "Timed prefill passes per variant (after one compiling pass).")
     FLAGS = flags.FLAGS
 
@@ -155,14 +159,30 @@ def prefill_seconds(config: ml_collections.ConfigDict, workdir, repeats: int) ->
     return statistics.median(cli.timed(lambda: jax.block_until_ready(forward(params, batch)), repeats))
 
 
+def accuracy_by_type(run_dir, ground_truth: Mapping[str, dict]) -> dict[str, float]:
+    """Exact match per `question_type` of a run's answers (RUN_DIR/answers.jsonl, written by the trainer's
+    evaluation), scored like the run's own exact match against the ground truth of the questions it answered."""
+    from meteor_jax.eval import benchmarks
+
+    answers = [json.loads(line) for line in (run_dir / "answers.jsonl").read_text().splitlines() if line.strip()]
+    answered = {str(a.get("question_id")) for a in answers}
+    # An unanswered ground-truth question is outside the run's eval split (eval.num_examples), not a wrong answer;
+    # an answer to a question the ground truth lacks is an error (benchmarks.score names it).
+    scores = benchmarks.score("easy_vqa", answers, {q: r for q, r in ground_truth.items() if q in answered})
+    return {name: v["accuracy"] for name, v in scores.get("per_question_type", {}).items()}
+
+
 def run_study(config: ml_collections.ConfigDict, workdir, variants: list[str], keeps: list[int], *,
-              prefill_repeats: int = 5) -> list[dict]:
-    """Train and score every (variant, K) of the plan (reusing finished runs); write the study files; return rows."""
+              prefill_repeats: int = 5, ground_truth: Mapping[str, dict] | None = None) -> list[dict]:
+    """Train and score every (variant, K) of the plan (reusing finished runs); write the study files; return rows.
+    With `ground_truth` ({question_id: record with question_type}), each row also gets `by_type` exact match."""
     from meteor_jax import paths
     from meteor_jax.train import trainer
 
     if not config.data.eval:
         raise ValueError("config.data.eval is empty: a study scores every variant on an eval split")
+    if ground_truth is not None and not any("question_type" in r for r in ground_truth.values()):
+        raise ValueError("the ground truth has no question_type field: nothing to break the exact match down by")
     workdir = paths.workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     config = ml_collections.ConfigDict(config.to_dict())
@@ -203,6 +223,10 @@ def run_study(config: ml_collections.ConfigDict, workdir, variants: list[str], k
         logging.info("study %s: exact match %.4f, %.3f s/step, prefill %.1f ms (%.0f s)", row["name"],
                      out[-1]["exact_match"], out[-1]["step_seconds"] or math.nan, 1e3 * prefill,
                      time.perf_counter() - t0)
+    if ground_truth is not None:
+        for row in out:
+            if "exact_match" in row:
+                row["by_type"] = accuracy_by_type(workdir / row["name"], ground_truth)
     summary = dict(config=config.to_dict(), rows=out, targets=targets(out))
     (workdir / "study.json").write_text(json.dumps(summary, indent=2, default=str))
     (workdir / "study.md").write_text(markdown(out, summary["targets"], source=config.data.eval))
@@ -240,18 +264,21 @@ def targets(rows: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], checks: list[dict], source: str) -> str:
+    types = sorted({t for r in rows for t in r.get("by_type", {})})  # exact match per question type, if scored
     lines = [f"Exact match on `{source}`, each variant trained with the same config and budget.", "",
-             "| variant | kept tokens | exact match | train step (s) | prefill (ms / batch) | projector params | "
-             "final train loss |", "|---|---|---|---|---|---|---|"]
+             "| variant | kept tokens | exact match | " + "".join(f"{t} | " for t in types) +
+             "train step (s) | prefill (ms / batch) | projector params | final train loss |",
+             "|---|---|---|" + "---|" * len(types) + "---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['variant']} | {r['keep']} | skipped: {r['skipped']} | | | | |")
+            lines.append(f"| {r['variant']} | {r['keep']} | skipped: {r['skipped']} | " + "| " * len(types) + "| | | |")
             continue
         step = f"{r['step_seconds']:.3f}" if r["step_seconds"] is not None else "–"
         loss = f"{r['final_train_loss']:.3f}" if r["final_train_loss"] is not None else "–"
+        by_type = "".join(f"{r['by_type'][t]:.4f} | " if t in r.get("by_type", {}) else "– | " for t in types)
         lines.append(f"| {r['variant']} | {r['keep']}/{r['tokens_total']} ({100 * r['token_fraction']:.0f}%) | "
-                     f"{r['exact_match']:.4f} | {step} | {1e3 * r['prefill_seconds']:.1f} / {r['prefill_batch']} | "
-                     f"{r['projector_params']:,} | {loss} |")
+                     f"{r['exact_match']:.4f} | {by_type}{step} | {1e3 * r['prefill_seconds']:.1f} / "
+                     f"{r['prefill_batch']} | {r['projector_params']:,} | {loss} |")
     if checks:
         lines += ["", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {c['target']} | {c['value']} | {'yes' if c['met'] else 'no'} |" for c in checks]
@@ -299,7 +326,12 @@ def main(argv):
             parse_variant(entry, keeps)
         except ValueError as e:
             raise app.UsageError(f"--projectors: {e}") from None
-    rows = run_study(FLAGS.config, FLAGS.workdir, FLAGS.projectors, keeps, prefill_repeats=FLAGS.prefill_repeats)
+    ground_truth = None
+    if FLAGS.ground_truth:
+        from meteor_jax.eval import benchmarks
+        ground_truth = benchmarks.load_ground_truth(FLAGS.ground_truth)
+    rows = run_study(FLAGS.config, FLAGS.workdir, FLAGS.projectors, keeps, prefill_repeats=FLAGS.prefill_repeats,
+                     ground_truth=ground_truth)
     print(markdown(rows, targets(rows), FLAGS.config.data.eval))
 
 

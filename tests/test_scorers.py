@@ -93,6 +93,12 @@ def test_easy_vqa_exact_match():
     gt = {"0": dict(answer="red"), "1": dict(answer="circle"), "2": dict(answer="blue")}
     result = score("easy_vqa", [ans(0, " Red."), ans(1, "square"), ans(2, "Blue")], gt)
     assert result["accuracy"] == pytest.approx(2 / 3, **EXACT)
+    assert "per_question_type" not in result  # no question_type in the ground truth: no breakdown
+    for qid, kind in (("0", "colour"), ("1", "shape"), ("2", "colour")):
+        gt[qid]["question_type"] = kind
+    result = score("easy_vqa", [ans(0, " Red."), ans(1, "square"), ans(2, "green")], gt)
+    assert result["per_question_type"] == {"colour": {"accuracy": 0.5, "num_questions": 2},
+                                           "shape": {"accuracy": 0.0, "num_questions": 1}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 
 from configs import tiny
 from meteor_jax import study
+from meteor_jax.data import balance
 from meteor_jax.data.tfds import easy_vqa_source
 
 
@@ -87,11 +88,27 @@ def test_study_end_to_end(tmp_path, easy_vqa_data_dir):
     assert [r["name"] for r in json.loads((workdir / "study.json").read_text())["rows"]] == [r["name"] for r in rows]
     assert (workdir / "study.png").stat().st_size > 1000
 
-    # A second study over the same directory reuses the finished runs: nothing is trained again.
+    # A second study over the same directory reuses the finished runs: nothing is trained again. With ground truth
+    # that has question types (and a question outside the 32-question eval split), each row gets exact match by type.
     written = (workdir / "pool-k4" / "results.json").stat().st_mtime_ns  # trainer.run would rewrite it
-    again = study.run_study(config, workdir, ["pool", "mlp"], [4], prefill_repeats=1)
-    assert again == [rows[2], rows[0]]
+    kinds = {test[i]["id"]: balance.question_type(test[i]) for i in range(33)}
+    ground_truth = {str(q): dict(question_id=q, answer=test[i]["conversations"][1]["value"], question_type=kinds[q])
+                    for i, q in enumerate(kinds)}
+    again = study.run_study(config, workdir, ["pool", "mlp"], [4], prefill_repeats=1, ground_truth=ground_truth)
+    assert [{k: v for k, v in r.items() if k != "by_type"} for r in again] == [rows[2], rows[0]]
     assert (workdir / "pool-k4" / "results.json").stat().st_mtime_ns == written
+    for row in again:
+        answers = [json.loads(line) for line in (workdir / row["name"] / "answers.jsonl").read_text().splitlines()]
+        hits = {}
+        for a in answers:
+            hits.setdefault(kinds[a["question_id"]], []).append(a["text"].strip().lower() == gold[a["question_id"]])
+        assert row["by_type"] == pytest.approx({kind: np.mean(h) for kind, h in hits.items()})
+    header = "| exact match | " + "".join(f"{kind} | " for kind in sorted({kinds[q] for q in gold})) + "train step"
+    assert header in (workdir / "study.md").read_text()
+    with pytest.raises(ValueError, match="no question_type field"):
+        study.run_study(config, workdir, ["pool"], [4], ground_truth={"x": dict(question_id="x", answer="red")})
+    with pytest.raises(ValueError, match="question ids not in the ground truth"):
+        study.run_study(config, workdir, ["pool"], [4], ground_truth=dict(list(ground_truth.items())[1:]))
     config.train.lr = 3e-3  # another budget or recipe over the same directory is refused, not mixed in
     with pytest.raises(ValueError, match="pool-k4 was trained with another config"):
         study.run_study(config, workdir, ["pool"], [4])

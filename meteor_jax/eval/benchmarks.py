@@ -12,7 +12,7 @@ Ground-truth fields per benchmark (official field names where practical):
 
 | benchmark | fields | metric |
 |---|---|---|
-| easy_vqa | `answer` | exact match after `vqa.normalize_answer` |
+| easy_vqa | `answer`, optional `question_type` | exact match after `vqa.normalize_answer` |
 | vqav2, textvqa, vizwiz | `answers` (10 strings or [{"answer": ...}]), optional `answer_type`, `question_type` | VQA accuracy |
 | gqa | `answer`, optional `types` ({structural, semantic}) or `question_type` | exact match |
 | pope | `label` (or `answer`) yes/no, optional `category` (adversarial / popular / random) | F1, acc, P, R, yes-ratio |
@@ -189,7 +189,7 @@ def _score_easy_vqa(answers, ground_truth):
     def judge(qid, record, text):
         gold = _field(record, qid, "answer")
         return text is not None and normalize_answer(text) == normalize_answer(str(gold))
-    return _per_question(answers, ground_truth, judge)
+    return _per_question(answers, ground_truth, judge, {"per_question_type": lambda r: r.get("question_type")})
 
 
 def _score_vqa(answers, ground_truth):
