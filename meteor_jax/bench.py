@@ -1,5 +1,7 @@
 """Speed and memory of a config on this machine's devices: the train step (s/step, samples/s, tokens/s, FLOP/s and,
 on a known accelerator, MFU), the compiled step's per-device memory, the input pipeline and batched generation.
+Step times are per step, each waited for (median, min, max, mean), and the same steps dispatched back to back
+with one wait at the end, as the train loop runs them (`step_seconds_back_to_back`).
 
   python -m meteor_jax.bench --config configs/demo.py [--steps 20] [--min_samples_per_s 150] [--out bench.json]
   python -m meteor_jax.bench --compare torch [--steps 3]   # transformers' LLaVA vs ours, same weights (compare_torch.py)
@@ -87,6 +89,12 @@ def bench(config, workdir: str, *, steps: int, warmup: int, generate_batches: in
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
+    # The train loop dispatches step after step and waits only to log: the same steps timed that way.
+    t0 = time.perf_counter()
+    for b in device_batches[warmup:]:
+        state, metrics = train_step(state, b)
+    jax.block_until_ready(state)
+    back_to_back_s = (time.perf_counter() - t0) / steps
     peak = peak_flops(device.device_kind)
     report = dict(
         config_model=dict(vision=run.model_cfg.vision.width, fusion=run.model_cfg.fusion.dim,
@@ -95,7 +103,8 @@ def bench(config, workdir: str, *, steps: int, warmup: int, generate_batches: in
         devices=f"{mesh.size} x {device.device_kind}", mesh={k: int(v) for k, v in mesh.shape.items()},
         batch_size=batch_size, seq_len=spec.max_len, compile_seconds=round(compile_seconds, 2),
         step_seconds_median=round(step_s, 4), step_seconds_min=round(min(times), 4),
-        step_seconds_max=round(max(times), 4), samples_per_s=round(batch_size / step_s, 1),
+        step_seconds_max=round(max(times), 4), step_seconds_mean=round(statistics.mean(times), 4),
+        step_seconds_back_to_back=round(back_to_back_s, 4), samples_per_s=round(batch_size / step_s, 1),
         tokens_per_s=round(batch_size * spec.max_len / step_s, 1),
         input_pipeline_samples_per_s=round(len(batches) * batch_size / pipeline_seconds, 1),
         flops_per_device_step=flops, flops_per_s_per_device=round(flops / step_s) if flops else None,
