@@ -29,6 +29,7 @@ from meteor_jax.data import shapes
 DEFAULT_DIR = "/tmp/meteor_shapes_v2"  # v2: with the shape-order descriptions
 NUM_TRAIN, NUM_TEST, SEED = 10_000, 1_000, 0  # images (4 questions each; train: + 1 existence question + 1 description)
 DESCRIBE = shapes.DESCRIBE_SHAPES_BIT
+TRAIN_RECORDS = NUM_TRAIN * 6  # 4 questions, 1 existence question, 1 description per image
 KEEP = 64  # of 64 patches (64 px images, 8 px patches)
 # The longest sample's text: "<s> USER: Describe each shape.\n<image> ASSISTANT:" + 4 × 4 words + 3 "and" + </s>.
 TEXT_LEN = 32
@@ -52,7 +53,8 @@ def get_config(arg: str | None = None):
     config.tokenizer = "word:shapes"  # trained on the training questions, saved as WORKDIR/tokenizer.json
     config.data.update(train=f"llava_json:{data_dir}/train.json", eval=f"llava_json:{data_dir}/test.json",
                        image_folder=f"{data_dir}/images", template="vicuna_short", image_placement="after_text",
-                       max_len=KEEP + TEXT_LEN, instruction_len=8, image_cache=NUM_TRAIN + NUM_TEST, read_threads=2)
+                       max_len=KEEP + TEXT_LEN, instruction_len=8, image_cache=NUM_TRAIN + NUM_TEST,
+                       feature_cache=TRAIN_RECORDS, read_threads=2)
     config.mesh = dict(data=1, fsdp=1, tensor=1)
     config.train.update(trainable=("vision", "fusion", "llm"), batch_size=64, num_steps=5000, lr=1e-3,
                         warmup_ratio=0.03, log_every=100, checkpoint_every=1000)

@@ -58,7 +58,8 @@ def bench(config, workdir: str, *, steps: int, warmup: int, generate_batches: in
 
     dataset = iter(pipeline.make_dataset(source, tokenizer, spec, batch_size=batch_size, seed=config.seed,
                                          worker_count=config.data.worker_count, prefetch=config.data.prefetch,
-                                         image_cache=config.data.image_cache, read_threads=config.data.read_threads))
+                                         image_cache=config.data.image_cache, feature_cache=config.data.feature_cache,
+                                         read_threads=config.data.read_threads))
     t0 = time.perf_counter()
     batches = [next(dataset) for _ in range(warmup + steps)]
     pipeline_seconds = time.perf_counter() - t0

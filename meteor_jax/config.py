@@ -42,7 +42,8 @@ RUN_DEFAULTS: dict[str, Any] = dict(
         worker_count=0,
         read_threads=16,  # grain reader threads when worker_count is 0
         prefetch=2,
-        image_cache=0,  # decoded images kept per process (S×S×3 uint8 + the encoded bytes as key); 0 = decode each time
+        image_cache=0,  # decoded images kept per process (S×S×3 float32 + the encoded bytes as key); 0 = decode each time
+        feature_cache=0,  # records whose features are kept per process (the first ones read); 0 = prepare each time
         max_skip_fraction=0.05,  # more skipped samples than this (after 200) stops the run: a broken data setup
         # Question-type proportions of the training stream, ((type, weight), ...) with the types of
         # meteor_jax/data/balance.py ("yes/no", "colour", "shape", "other"); () = the source's own mix.

@@ -1,6 +1,7 @@
 """The tfds builders (easy_vqa from the installed package, llava_* from a manual dir) and the grain pipeline:
 exact counts and round trips, determinism, per-epoch/per-process coverage, resumable iterator state
 (in-process and with worker processes), counted skips and truncations."""
+import collections
 import hashlib
 import io
 import json
@@ -234,6 +235,50 @@ def test_image_cache_decodes_each_image_once_and_changes_nothing(mixed_records, 
     assert cached[-4][pipeline.SKIP_REASON] == "corrupt image"
     with pytest.raises(ValueError, match="image_cache"):
         pipeline.RecordToFeatures(tokenizer, SPEC, image_cache=-1)
+
+
+def test_feature_cache_prepares_each_record_once_and_changes_nothing(mixed_records, tokenizer, monkeypatch):
+    """Three epochs with the cache: the batches and the skip/truncation counts of the uncached pipeline; each
+    cached record is prepared once (the capacity bounds how many); a resumed iterator still gives the same."""
+    from meteor_jax.data import features
+
+    def make(feature_cache, **kwargs):
+        return pipeline.make_dataset(mixed_records, tokenizer, SPEC, batch_size=4, seed=4, num_epochs=3,
+                                     read_threads=1, feature_cache=feature_cache, **kwargs)
+
+    prepared = []
+    real_make_features = features.make_features
+
+    def counting_make_features(record, *args, **kwargs):
+        prepared.append(record["id"])
+        return real_make_features(record, *args, **kwargs)
+
+    monkeypatch.setattr(features, "make_features", counting_make_features)
+    plain = make(0)
+    expected = list(plain)
+    assert len(expected) == 28  # 3 × 38 kept samples, batches of 4, the remainder dropped
+    assert len(prepared) == 3 * 39  # every record but the corrupt image (skipped before make_features), 3 epochs
+    for capacity in (1000, 10):
+        prepared.clear()
+        cached = make(capacity)
+        _assert_same_batches(list(cached), expected)
+        assert cached.skip_counter.get_state() == plain.skip_counter.get_state()  # truncations counted every epoch
+        # Cached records are prepared once, the others once per epoch. The cache holds the first `capacity` records
+        # read, skips included: the corrupt image, if among them, takes a place without reaching make_features.
+        times = collections.Counter(prepared)
+        assert len(times) == 39 and set(times.values()) <= {1, 3}
+        once = sum(n == 1 for n in times.values())
+        assert once == 39 if capacity > 40 else once in (capacity - 1, capacity)
+    prepared.clear()
+    cached = make(1000)
+    iterator = iter(cached)
+    _take(iterator, 12)  # into the second epoch, served from the cache
+    state = json.loads(json.dumps(iterator.get_state()))
+    resumed = iter(make(1000))
+    resumed.set_state(state)
+    _assert_same_batches(list(resumed), expected[12:])
+    with pytest.raises(ValueError, match="feature_cache"):
+        make(-1)
 
 
 def test_worker_processes_same_batches_and_resume(mixed_records, tokenizer):

@@ -1,8 +1,8 @@
 """The grain input pipeline: LLaVA records → fixed-shape feature batches, deterministic and resumable.
 
-MapDataset.source → seeded shuffle (new order each epoch) → repeat → this process's rows of each global batch
-→ record→features → to_iter_dataset → mp_prefetch (worker_count > 0) → drop & count skips, count truncations
-→ batch.
+MapDataset.source → record→features (lazy) → feature cache (optional) → seeded shuffle (new order each epoch)
+→ repeat → this process's rows of each global batch → to_iter_dataset → mp_prefetch (worker_count > 0) → drop &
+count skips, count truncations → batch.
 
 The shuffled order is global (the same on every process) and process i reads rows [i·b, (i+1)·b) of every global
 batch of P·b records, so P processes with per-process batch b see exactly the global batches of one process with
@@ -136,10 +136,11 @@ class RecordToFeatures:
     """LLaVA record → model features (`features.make_features`); a `SkipSample` becomes a skip marker.
 
     A module-level class so that grain can pickle it into worker processes (with the tokenizer).
-    image_cache > 0 keeps that many decoded, resized images (uint8, keyed by the encoded bytes; least recently used
-    dropped first; per process): datasets whose conversations share images (easy-vqa: ten questions per image,
-    LLaVA-Instruct: COCO images) then decode each image once rather than once per sample and epoch. The features
-    are the same with and without the cache.
+    image_cache > 0 keeps that many decoded, resized, normalised images (S×S×3 float32, read-only, keyed by the
+    encoded bytes; least recently used dropped first; per process): datasets whose conversations share images
+    (easy-vqa: ten questions per image, LLaVA-Instruct: COCO images) then decode and normalise each image once
+    rather than once per sample and epoch, and the samples of one image share one pixel array (which keeps the
+    feature cache of `make_dataset` small). The features are the same with and without the cache.
     """
 
     def __init__(self, tokenizer, spec: features_lib.FeatureSpec, image_cache: int = 0):
@@ -148,28 +149,68 @@ class RecordToFeatures:
         self.tokenizer = tokenizer
         self.spec = spec
         self.image_cache = image_cache
-        self._cached_rgb = functools.lru_cache(maxsize=image_cache)(self._rgb) if image_cache else self._rgb
+        self._cached_pixels = (functools.lru_cache(maxsize=image_cache)(self._pixels) if image_cache
+                               else self._pixels)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        del state["_cached_rgb"]  # an lru_cache does not pickle; each worker process builds its own
+        del state["_cached_pixels"]  # an lru_cache does not pickle; each worker process builds its own
         return state
 
     def __setstate__(self, state):
         self.__init__(state["tokenizer"], state["spec"], state["image_cache"])
 
-    def _rgb(self, data: bytes) -> np.ndarray:
-        return images.load_rgb(data, self.spec.image_size, self.spec.image_mean)
+    def _pixels(self, data: bytes) -> np.ndarray:
+        pixels = images.load_image(data, self.spec.image_size, self.spec.image_mean, self.spec.image_std)
+        pixels.flags.writeable = False  # shared by every sample of the image (and by cached features)
+        return pixels
 
     def __call__(self, record: dict) -> dict:
         try:
             image = None
             if record.get("image_bytes") is not None:
-                rgb = self._cached_rgb(bytes(record["image_bytes"]))
-                image = images.normalize(rgb, self.spec.image_mean, self.spec.image_std)
+                image = self._cached_pixels(bytes(record["image_bytes"]))
             return features_lib.make_features(record, self.tokenizer, self.spec, image=image)
         except features_lib.SkipSample as skip:
             return {SKIP_REASON: skip.reason, "id": str(record.get("id")), "detail": getattr(skip, "detail", "")}
+
+
+class _FeatureCache(grain.MapDataset):
+    """The parent's elements by index, the first `capacity` distinct indices read kept in memory (per process).
+
+    It sits on the source's own indices, before the shuffle, so from the second epoch on a cached record skips
+    the image decode, the template and the tokenizer. The first indices are kept rather than the most recent ones:
+    a shuffled epoch visits every index once, so least-recently-used eviction would never hit with a cache smaller
+    than the dataset. Elements go out as shallow copies (the skip counter pops keys); their arrays are shared, so
+    nothing downstream may write into them (the pixel arrays are read-only). Worker processes start empty.
+    """
+
+    def __init__(self, parent: grain.MapDataset, capacity: int):
+        super().__init__(parent)
+        self._capacity = capacity
+        self._cache: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        key = index % len(self._parent)  # grain's repeat and shuffle pass indices past the end for later epochs
+        element = self._cache.get(key)
+        if element is None:
+            element = self._parent[index]
+            if len(self._cache) < self._capacity:  # dict writes are atomic: grain's reader threads may race here
+                self._cache[key] = element
+        return dict(element)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"] = {}  # pickled into grain's worker processes: each fills its own
+        return state
+
+    def __str__(self) -> str:
+        return f"FeatureCache(capacity={self._capacity})"
 
 
 class _CountSkipsIterDataset(grain.IterDataset):
@@ -219,7 +260,7 @@ def make_dataset(source, tokenizer, spec: features_lib.FeatureSpec, *, batch_siz
                  shuffle: bool = True, num_epochs: int | None = None, worker_count: int = 0, prefetch: int = 2,
                  process_index: int | None = None, process_count: int | None = None, drop_remainder: bool = True,
                  skip_counter: SkipCounter | None = None,
-                 balance: Mapping[str, float] | None = None, image_cache: int = 0,
+                 balance: Mapping[str, float] | None = None, image_cache: int = 0, feature_cache: int = 0,
                  read_threads: int = 16) -> grain.IterDataset:
     """A grain IterDataset of feature batches (dicts of stacked np arrays, no `truncated`) for this process.
 
@@ -233,7 +274,10 @@ def make_dataset(source, tokenizer, spec: features_lib.FeatureSpec, *, batch_siz
       index of its rows in the global batch, which may differ from the process index: see the trainer.)
     worker_count > 0 runs the record→features map in that many processes (`mp_prefetch`; close the iterator
       when done); 0 runs it in `read_threads` of grain's reader threads. Either way about `prefetch` batches are
-      prepared ahead. image_cache: decoded images kept per process (see RecordToFeatures).
+      prepared ahead. image_cache: decoded images kept per process (see RecordToFeatures). feature_cache: the
+      features of that many records kept per process (the first ones read; see _FeatureCache): a run of several
+      epochs then prepares each record once. Memory: about 12 bytes per max_len token plus the pixels, which the
+      samples of one image share when image_cache holds all images.
     The batches do not depend on worker_count. The returned dataset's `skip_counter` (the one passed in, or a new
     one) counts kept, skipped (by reason) and truncated samples of its latest iterator; the counts are part of
     the iterator state. Iterator `get_state()` is JSON-serialisable and `set_state()` resumes exactly.
@@ -248,11 +292,18 @@ def make_dataset(source, tokenizer, spec: features_lib.FeatureSpec, *, batch_siz
     if batch_size < 1 or worker_count < 0 or prefetch < 1:
         raise ValueError(f"need batch_size >= 1, worker_count >= 0, prefetch >= 1; got {batch_size}, "
                          f"{worker_count}, {prefetch}")
+    if feature_cache < 0:
+        raise ValueError(f"feature_cache={feature_cache} must be >= 0")
     counter = skip_counter if skip_counter is not None else SkipCounter()
 
     ds = grain.MapDataset.source(source)
     if len(ds) == 0:
         raise ValueError("the source has no records")
+    # Features are a function of the record alone, so mapping before the shuffle gives the batches of mapping after
+    # it, and lets the cache key on the source's indices.
+    ds = ds.map(RecordToFeatures(tokenizer, spec, image_cache))
+    if feature_cache:
+        ds = _FeatureCache(ds, feature_cache)
     if balance:
         # Question-type proportions (data/balance.py): each type shuffled and repeated on its own, then interleaved.
         if not shuffle or num_epochs is not None:
@@ -268,7 +319,6 @@ def make_dataset(source, tokenizer, spec: features_lib.FeatureSpec, *, batch_siz
         if len(ds) == 0:
             raise ValueError(f"process {process_index} of {process_count} got no records (source has "
                              f"{len(source)}, global batch {process_count * batch_size})")
-    ds = ds.map(RecordToFeatures(tokenizer, spec, image_cache))
     ahead = prefetch * batch_size  # elements; per worker when there are workers (bounds host memory)
     if worker_count > 0:
         ahead = -(-ahead // worker_count)

@@ -54,8 +54,8 @@ def run(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> dict:
     dataset = pipeline.make_dataset(train_source, tokenizer, job.spec, batch_size=rows, process_index=slot,
                                     process_count=slots, seed=config.seed, worker_count=config.data.worker_count,
                                     prefetch=config.data.prefetch, skip_counter=skips,
-                                    image_cache=config.data.image_cache, read_threads=config.data.read_threads,
-                                    balance=dict(config.data.balance) or None)
+                                    image_cache=config.data.image_cache, feature_cache=config.data.feature_cache,
+                                    read_threads=config.data.read_threads, balance=dict(config.data.balance) or None)
     iterator = iter(dataset)
     ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
                                        save_every=config.train.checkpoint_every)
