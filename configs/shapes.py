@@ -18,8 +18,9 @@ to compare compression against), learned row and column embeddings on the visual
 the image after the question (data.image_placement=after_text, so every visual token in the causal decoder sees the
 question), a four-layer width-64 decoder, a word-level vocabulary trained on the questions, and one "Describe each
 shape." caption per training image (the objects in shape order, `train_describe=2`), which teaches finding an object
-by its shape. 5000 steps at lr 1e-3: 0.9785 exact match (seed 0) and 0.99625 (`--config.seed=1`) in 934 s and
-904 s alone on 2 CPU cores (0.18 s/step with the entry points' huge-page restart, meteor_jax/cli.py). Smaller K:
+by its shape. 5000 steps at lr 1e-3: 0.9785 exact match (seed 0) and 0.99625 (`--config.seed=1`). Seed 0 takes
+851 s alone on 2 CPU cores with the entry points' huge-page restart (meteor_jax/cli.py) and every training record's
+features cached after the first epoch (data.feature_cache; 934 s without it, the same final loss). Smaller K:
 `--config.model.selection.keep=16` (max_len follows: set `--config.data.max_len=` K + 32), or evaluate one
 checkpoint at several K with `python -m meteor_jax.evaluate ... --keep 8,16,32,64` (test_questions.jsonl etc.).
 """
