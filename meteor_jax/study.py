@@ -13,7 +13,9 @@ projector) always sees all N tokens, so it runs once whatever --keep says; a var
 needs a square K dividing the grid) is skipped with the reason in the table. Writes DIR/study.json, DIR/study.md
 (the table and the project's targets) and DIR/study.png (exact match, train step time and prefill time against kept
 tokens). With --ground_truth (JSON lines keyed by question_id, with a `question_type` field, such as the shapes
-generator's test_ground_truth.jsonl), the table also gives each variant's exact match per question type.
+generator's test_ground_truth.jsonl), the table also gives each variant's exact match per question type, and where
+the ground truth has the asked object's `bbox` (the shapes generator's does), how often the trained selection keeps a
+token on that object, against chance (`selection_coverage`; for projectors whose tokens are single patches).
 
 Step time is the median over the run's logged intervals; prefill time is one jitted forward pass over a batch of
 eval prompts (what generation does before its first new token), median of repeats after compilation.
@@ -172,6 +174,84 @@ def accuracy_by_type(run_dir, ground_truth: Mapping[str, dict]) -> dict[str, flo
     return {name: v["accuracy"] for name, v in scores.get("per_question_type", {}).items()}
 
 
+# Projectors whose kept tokens are single patches, so "is a kept token on the asked object" has an answer (pool's
+# tokens average windows; mlp keeps every patch).
+PATCH_SELECTING = ("meteor", "cls_prune", "random")
+
+
+def box_patches(bbox, width: int, height: int, image_size: int, patch_size: int) -> list[int]:
+    """Raster indices of the model's patches that the box [x0, y0, x1, y1) (pixels of the original width×height
+    image) touches, after the image is padded to a square (centred, as LLaVA's expand2square) and resized."""
+    side = max(width, height)
+    offset_x, offset_y = (side - width) // 2, (side - height) // 2
+    scale = image_size / side / patch_size  # original pixels → patch units
+    grid = image_size // patch_size
+    x0, y0, x1, y1 = bbox
+    if not (x0 < x1 and y0 < y1):
+        raise ValueError(f"empty box {bbox}: expected [x0, y0, x1, y1) with x0 < x1 and y0 < y1")
+
+    def cells(lo, hi, offset):
+        first = max(int(math.floor((lo + offset) * scale)), 0)
+        return range(first, min(int(math.ceil((hi + offset) * scale)), grid))
+
+    return [r * grid + c for r in cells(y0, y1, offset_y) for c in cells(x0, x1, offset_x)]
+
+
+def selection_coverage(run_dir, ground_truth: Mapping[str, dict], batch_size: int) -> dict | None:
+    """Where a trained run's selection looks. For every eval question whose ground truth gives the asked object's
+    `bbox` ([x0, y0, x1, y1) in the original image's pixels): `hit`, the share of questions with at least one kept
+    token on a patch the box touches; `on_target`, the share of kept tokens on such patches; `chance_hit`, the hit
+    rate of K patches drawn uniformly without replacement (exact, averaged over the same questions). None for a
+    projector whose tokens are not single patches (pool, mlp) or when no question has a box."""
+    import io
+
+    import jax
+    import numpy as np
+    from flax import nnx
+    from PIL import Image
+
+    from meteor_jax import inference, sharding
+    from meteor_jax.eval import answering
+
+    model = inference.load_model(None, str(run_dir))
+    if model.model_cfg.projector not in PATCH_SELECTING:
+        return None
+    source = model.run.source(model.config.data.eval, run_dir)
+    records = [source[i] for i in range(len(source))]
+    records = [r for r in records if "bbox" in ground_truth.get(str(r["id"]), {}) and r.get("image_bytes")]
+    if not records:
+        return None
+    vision, keep = model.model_cfg.vision, model.model_cfg.selection.keep
+    n = vision.num_patches
+
+    @jax.jit
+    def kept_indices(params, batch):
+        with sharding.logical_rules(model.rules):
+            return nnx.merge(model.graphdef, params).visual_tokens(
+                batch["pixels"], batch["instruction"], batch["instruction_mask"]).indices
+
+    rows = model.round_batch(batch_size)
+    hits, on_target, chance = [], [], []
+    for start in range(0, len(records), rows):
+        chunk = records[start:start + rows]
+        features = [answering.prompt_features(answering.prompt_record(r), model.tokenizer, model.spec)
+                    for r in chunk + chunk[-1:] * (rows - len(chunk))]  # the last batch padded with its last row
+        batch = sharding.global_batch({k: np.stack([f[k] for f in features]) for k in ("pixels", "instruction",
+                                                                                         "instruction_mask")},
+                                      model.mesh, model.rules, rows)
+        indices = np.asarray(jax.device_get(kept_indices(model.params, batch)))[:len(chunk)]
+        for record, kept in zip(chunk, indices):
+            width, height = Image.open(io.BytesIO(record["image_bytes"])).size  # the header only
+            target = set(box_patches(ground_truth[str(record["id"])]["bbox"], width, height, vision.image_size,
+                                     vision.patch_size))
+            count = sum(int(i) in target for i in kept)
+            hits.append(count > 0)
+            on_target.append(count / keep)
+            chance.append(1 - math.comb(n - len(target), keep) / math.comb(n, keep))
+    return dict(questions=len(hits), hit=float(np.mean(hits)), on_target=float(np.mean(on_target)),
+                chance_hit=float(np.mean(chance)))
+
+
 def run_study(config: ml_collections.ConfigDict, workdir, variants: list[str], keeps: list[int], *,
               prefill_repeats: int = 5, ground_truth: Mapping[str, dict] | None = None) -> list[dict]:
     """Train and score every (variant, K) of the plan (reusing finished runs); write the study files; return rows.
@@ -224,9 +304,14 @@ def run_study(config: ml_collections.ConfigDict, workdir, variants: list[str], k
                      out[-1]["exact_match"], out[-1]["step_seconds"] or math.nan, 1e3 * prefill,
                      time.perf_counter() - t0)
     if ground_truth is not None:
+        boxes = any("bbox" in r for r in ground_truth.values())
         for row in out:
             if "exact_match" in row:
                 row["by_type"] = accuracy_by_type(workdir / row["name"], ground_truth)
+                if boxes:
+                    coverage = selection_coverage(workdir / row["name"], ground_truth, config.eval.batch_size)
+                    if coverage is not None:
+                        row["coverage"] = coverage
     summary = dict(config=config.to_dict(), rows=out, targets=targets(out))
     (workdir / "study.json").write_text(json.dumps(summary, indent=2, default=str))
     (workdir / "study.md").write_text(markdown(out, summary["targets"], source=config.data.eval))
@@ -265,19 +350,26 @@ def targets(rows: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], checks: list[dict], source: str) -> str:
     types = sorted({t for r in rows for t in r.get("by_type", {})})  # exact match per question type, if scored
+    covered = any("coverage" in r for r in rows)  # where the selection looks, if the ground truth has boxes
     lines = [f"Exact match on `{source}`, each variant trained with the same config and budget.", "",
              "| variant | kept tokens | exact match | " + "".join(f"{t} | " for t in types) +
+             ("kept token on the asked object (chance) | " if covered else "") +
              "train step (s) | prefill (ms / batch) | projector params | final train loss |",
-             "|---|---|---|" + "---|" * len(types) + "---|---|---|---|"]
+             "|---|---|---|" + "---|" * (len(types) + covered) + "---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['variant']} | {r['keep']} | skipped: {r['skipped']} | " + "| " * len(types) + "| | | |")
+            lines.append(f"| {r['variant']} | {r['keep']} | skipped: {r['skipped']} | " +
+                         "| " * (len(types) + covered) + "| | | |")
             continue
+        coverage = ""
+        if covered:
+            c = r.get("coverage")
+            coverage = f"{c['hit']:.3f} ({c['chance_hit']:.3f}) | " if c else "– | "
         step = f"{r['step_seconds']:.3f}" if r["step_seconds"] is not None else "–"
         loss = f"{r['final_train_loss']:.3f}" if r["final_train_loss"] is not None else "–"
         by_type = "".join(f"{r['by_type'][t]:.4f} | " if t in r.get("by_type", {}) else "– | " for t in types)
         lines.append(f"| {r['variant']} | {r['keep']}/{r['tokens_total']} ({100 * r['token_fraction']:.0f}%) | "
-                     f"{r['exact_match']:.4f} | {by_type}{step} | {1e3 * r['prefill_seconds']:.1f} / "
+                     f"{r['exact_match']:.4f} | {by_type}{coverage}{step} | {1e3 * r['prefill_seconds']:.1f} / "
                      f"{r['prefill_batch']} | {r['projector_params']:,} | {loss} |")
     if checks:
         lines += ["", "| target | measured | met |", "|---|---|---|"]

@@ -62,6 +62,18 @@ def test_targets_compare_meteor_with_the_baselines():
     assert not study.targets(rows)[0]["met"]
 
 
+def test_box_patches_by_hand():
+    # 64×64 image, 8px patches on an 8×8 grid: columns 34//8=4 .. ceil(51/8)-1=6, rows 0 .. ceil(20/8)-1=2.
+    assert study.box_patches([34, 3, 51, 20], 64, 64, 64, 8) == [4, 5, 6, 12, 13, 14, 20, 21, 22]
+    assert study.box_patches([0, 0, 8, 8], 64, 64, 64, 8) == [0]  # the end is exclusive
+    # 32 wide × 64 high, padded to 64×64 (16 px left and right), resized to 16: the left half [0, 32) of the
+    # original lands on x [16, 48) → [4, 12) after the resize → columns 0..1 of the 2×2 grid; y [0, 32) → row 0.
+    assert study.box_patches([0, 0, 32, 32], 32, 64, 16, 8) == [0, 1]
+    assert study.box_patches([0, 32, 32, 64], 32, 64, 16, 8) == [2, 3]
+    with pytest.raises(ValueError, match="empty box"):
+        study.box_patches([5, 5, 5, 9], 64, 64, 64, 8)
+
+
 def test_study_end_to_end(tmp_path, easy_vqa_data_dir):
     config = tiny.get_config()
     config.data.update(data_dir=easy_vqa_data_dir, train="easy_vqa:train[:256]", eval="easy_vqa:test[:32]")
@@ -96,6 +108,7 @@ def test_study_end_to_end(tmp_path, easy_vqa_data_dir):
                     for i, q in enumerate(kinds)}
     again = study.run_study(config, workdir, ["pool", "mlp"], [4], prefill_repeats=1, ground_truth=ground_truth)
     assert [{k: v for k, v in r.items() if k != "by_type"} for r in again] == [rows[2], rows[0]]
+    assert "kept token on the asked object" not in (workdir / "study.md").read_text()  # no boxes, no column
     assert (workdir / "pool-k4" / "results.json").stat().st_mtime_ns == written
     for row in again:
         answers = [json.loads(line) for line in (workdir / row["name"] / "answers.jsonl").read_text().splitlines()]
@@ -112,3 +125,32 @@ def test_study_end_to_end(tmp_path, easy_vqa_data_dir):
     config.train.lr = 3e-3  # another budget or recipe over the same directory is refused, not mixed in
     with pytest.raises(ValueError, match="pool-k4 was trained with another config"):
         study.run_study(config, workdir, ["pool"], [4])
+
+
+def test_selection_coverage_end_to_end(tmp_path, easy_vqa_data_dir):
+    """A trained `random` run (tiny config: 16 patches, K = 4) against boxes whose answers are known: the whole
+    image (every kept token on it), one corner patch (at most one kept token on it, chance exactly K/N)."""
+    config = tiny.get_config()
+    # easy-vqa asks about ten questions per image: 200 questions hold about 20 images, each with its own draw.
+    config.data.update(data_dir=easy_vqa_data_dir, train="easy_vqa:train[:64]", eval="easy_vqa:test[:200]")
+    config.train.update(num_steps=2, log_every=1, checkpoint_every=2)
+    config.eval.update(num_examples=24, batch_size=48)  # coverage reads all 200 in 5 batches, the last padded
+    test = easy_vqa_source("test", easy_vqa_data_dir)
+    ids = [test[i]["id"] for i in range(200)]
+
+    def truth(bbox):
+        return {q: dict(question_id=q, answer="x", question_type="t", bbox=bbox) for q in ids}
+
+    workdir = tmp_path / "study"
+    rows = study.run_study(config, workdir, ["random", "mlp"], [4], prefill_repeats=1,
+                           ground_truth=dict(truth([0, 0, 64, 64]), extra=dict(question_id="extra", answer="x")))
+    random_row, mlp_row = rows
+    assert random_row["coverage"] == dict(questions=200, hit=1.0, on_target=1.0, chance_hit=1.0)
+    assert "coverage" not in mlp_row  # all tokens kept: nothing to measure
+    table = (workdir / "study.md").read_text()
+    assert "| kept token on the asked object (chance) |" in table and "| 1.000 (1.000) |" in table
+    corner = study.selection_coverage(workdir / "random-k4", truth([0, 0, 1, 1]), batch_size=48)
+    assert corner["questions"] == 200 and corner["chance_hit"] == pytest.approx(4 / 16)
+    assert corner["on_target"] == pytest.approx(corner["hit"] / 4)
+    assert 0 < corner["hit"] < 1  # random patches per image: some images keep the corner, some do not
+    assert study.selection_coverage(workdir / "mlp-k16", truth([0, 0, 1, 1]), batch_size=48) is None
