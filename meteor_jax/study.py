@@ -234,8 +234,8 @@ def selection_coverage(run_dir, ground_truth: Mapping[str, dict], batch_size: in
     hits, on_target, chance = [], [], []
     for start in range(0, len(records), rows):
         chunk = records[start:start + rows]
-        features = [answering.prompt_features(answering.prompt_record(r), model.tokenizer, model.spec)
-                    for r in chunk + chunk[-1:] * (rows - len(chunk))]  # the last batch padded with its last row
+        features = [answering.prompt_features(answering.prompt_record(r), model.tokenizer, model.spec) for r in chunk]
+        features += features[-1:] * (rows - len(chunk))  # the last batch padded with its last row
         batch = sharding.global_batch({k: np.stack([f[k] for f in features]) for k in ("pixels", "instruction",
                                                                                          "instruction_mask")},
                                       model.mesh, model.rules, rows)
@@ -308,7 +308,7 @@ def run_study(config: ml_collections.ConfigDict, workdir, variants: list[str], k
         for row in out:
             if "exact_match" in row:
                 row["by_type"] = accuracy_by_type(workdir / row["name"], ground_truth)
-                if boxes:
+                if boxes and VARIANTS[row["variant"]]["projector"] in PATCH_SELECTING:  # no checkpoint read else
                     coverage = selection_coverage(workdir / row["name"], ground_truth, config.eval.batch_size)
                     if coverage is not None:
                         row["coverage"] = coverage
