@@ -201,8 +201,9 @@ def selection_coverage(run_dir, ground_truth: Mapping[str, dict], batch_size: in
     """Where a trained run's selection looks. For every eval question whose ground truth gives the asked object's
     `bbox` ([x0, y0, x1, y1) in the original image's pixels): `hit`, the share of questions with at least one kept
     token on a patch the box touches; `on_target`, the share of kept tokens on such patches; `chance_hit`, the hit
-    rate of K patches drawn uniformly without replacement (exact, averaged over the same questions). None for a
-    projector whose tokens are not single patches (pool, mlp) or when no question has a box."""
+    rate of K patches drawn uniformly without replacement (exact, averaged over the same questions); `by_question`,
+    the `question_dependence` of the kept sets. None for a projector whose tokens are not single patches (pool,
+    mlp) or when no question has a box."""
     import io
 
     import jax
@@ -232,6 +233,7 @@ def selection_coverage(run_dir, ground_truth: Mapping[str, dict], batch_size: in
 
     rows = model.round_batch(batch_size)
     hits, on_target, chance = [], [], []
+    kept_by_image: dict[bytes, list[tuple[int, ...]]] = {}
     for start in range(0, len(records), rows):
         chunk = records[start:start + rows]
         features = [answering.prompt_features(answering.prompt_record(r), model.tokenizer, model.spec) for r in chunk]
@@ -244,12 +246,27 @@ def selection_coverage(run_dir, ground_truth: Mapping[str, dict], batch_size: in
             width, height = Image.open(io.BytesIO(record["image_bytes"])).size  # the header only
             target = set(box_patches(ground_truth[str(record["id"])]["bbox"], width, height, vision.image_size,
                                      vision.patch_size))
+            kept_by_image.setdefault(record["image_bytes"], []).append(tuple(int(i) for i in kept))
             count = sum(int(i) in target for i in kept)
             hits.append(count > 0)
             on_target.append(count / keep)
             chance.append(1 - math.comb(n - len(target), keep) / math.comb(n, keep))
     return dict(questions=len(hits), hit=float(np.mean(hits)), on_target=float(np.mean(on_target)),
-                chance_hit=float(np.mean(chance)))
+                chance_hit=float(np.mean(chance)), by_question=question_dependence(kept_by_image.values()))
+
+
+def question_dependence(kept_sets_per_image) -> float | None:
+    """Of all pairs of questions about the same image, the share whose kept token sets differ: 0 when the selection
+    ignores the question (as `random` and `cls_prune` do), 1 when every question keeps its own set. None when no
+    image has two questions."""
+    pairs = differ = 0
+    for kept in kept_sets_per_image:
+        sets = [frozenset(k) for k in kept]
+        for i in range(len(sets)):
+            for j in range(i + 1, len(sets)):
+                pairs += 1
+                differ += sets[i] != sets[j]
+    return differ / pairs if pairs else None
 
 
 def run_study(config: ml_collections.ConfigDict, workdir, variants: list[str], keeps: list[int], *,
@@ -353,18 +370,19 @@ def markdown(rows: list[dict], checks: list[dict], source: str) -> str:
     covered = any("coverage" in r for r in rows)  # where the selection looks, if the ground truth has boxes
     lines = [f"Exact match on `{source}`, each variant trained with the same config and budget.", "",
              "| variant | kept tokens | exact match | " + "".join(f"{t} | " for t in types) +
-             ("kept token on the asked object (chance) | " if covered else "") +
+             ("kept token on the asked object (chance) | kept set changes with the question | " if covered else "") +
              "train step (s) | prefill (ms / batch) | projector params | final train loss |",
-             "|---|---|---|" + "---|" * (len(types) + covered) + "---|---|---|---|"]
+             "|---|---|---|" + "---|" * (len(types) + 2 * covered) + "---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['variant']} | {r['keep']} | skipped: {r['skipped']} | " +
-                         "| " * (len(types) + covered) + "| | | |")
+                         "| " * (len(types) + 2 * covered) + "| | | |")
             continue
         coverage = ""
         if covered:
             c = r.get("coverage")
-            coverage = f"{c['hit']:.3f} ({c['chance_hit']:.3f}) | " if c else "– | "
+            changes = "–" if not c or c.get("by_question") is None else f"{c['by_question']:.3f}"
+            coverage = f"{c['hit']:.3f} ({c['chance_hit']:.3f}) | {changes} | " if c else "– | – | "
         step = f"{r['step_seconds']:.3f}" if r["step_seconds"] is not None else "–"
         loss = f"{r['final_train_loss']:.3f}" if r["final_train_loss"] is not None else "–"
         by_type = "".join(f"{r['by_type'][t]:.4f} | " if t in r.get("by_type", {}) else "– | " for t in types)

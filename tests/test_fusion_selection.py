@@ -1,4 +1,6 @@
 """Flash Global Fusion and Visual-Native Selection behave as DESIGN §2.2–2.3 say."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +8,7 @@ import pytest
 from flax import nnx
 
 from meteor_jax.models.fusion import FlashGlobalFusion, FusionConfig, scan_order
-from meteor_jax.models.selection import SelectionConfig, native_expert, select
+from meteor_jax.models.selection import SelectionConfig, gumbel_noise, native_expert, select
 
 GRID, VISION_DIM, LLM_DIM = 4, 24, 32
 
@@ -166,9 +168,74 @@ def test_straight_through_value_unchanged_and_gradient_reaches_native_expert():
     np.testing.assert_array_equal(np.asarray(grad_plain), 0.0)
 
 
+def test_soft_estimator_value_unchanged_and_gradient_reaches_every_score_by_hand():
+    fused, cls, text, mask = _selection_inputs()
+    cls = cls / jnp.sum(cls, axis=-1, keepdims=True)  # already normalised: d gate_i / d cls_j = δij - gate_i
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, 5, fused.shape[-1])), jnp.float32)
+
+    def loss(a, estimator):
+        cfg = SelectionConfig(keep=5, aggregate="visual", estimator=estimator)
+        return jnp.sum(select(fused, a, text, mask, cfg).tokens * weights)
+
+    assert float(loss(cls, "soft")) == float(loss(cls, "gate"))
+    got = np.asarray(jax.grad(loss)(cls, "soft"))
+    idx = np.asarray(select(fused, cls, text, mask, SelectionConfig(keep=5, aggregate="visual")).indices)
+    f, w, a = np.asarray(fused, np.float64), np.asarray(weights, np.float64), np.asarray(cls, np.float64)
+    for b in range(2):
+        d_gate = f[b] @ w[b].sum(axis=0)  # soft: every token's score moves the score-weighted mean of all tokens
+        for slot, i in enumerate(idx[b]):  # gate: a kept token is scaled by its own score
+            d_gate[i] += f[b, i] @ w[b, slot]
+        np.testing.assert_allclose(got[b], d_gate - d_gate @ a[b], rtol=1e-5, atol=1e-5)
+        dropped = np.setdiff1d(np.arange(16), idx[b])
+        assert np.all(np.abs(got[b, dropped]) > 0), "the soft estimator must reach the dropped tokens' scores"
+    gate_only = np.asarray(jax.grad(loss)(cls, "gate"))
+    for b in range(2):  # the gate estimator alone moves every dropped score by the same amount (the normalisation)
+        dropped = np.setdiff1d(np.arange(16), idx[b])
+        np.testing.assert_allclose(gate_only[b, dropped], np.full(len(dropped), gate_only[b, dropped[0]]), rtol=1e-5)
+
+
+def test_reinforce_draws_from_the_scores_with_the_plackett_luce_log_probability():
+    rows, n = 20_000, 4
+    gate = np.array([0.5, 0.25, 0.15, 0.10])
+    cls = jnp.asarray(np.tile(gate, (rows, 1)), jnp.float32)
+    fused = jnp.ones((rows, n, 2), jnp.float32)
+    text, mask = jnp.ones((rows, 1, 2), jnp.float32), jnp.ones((rows, 1), bool)
+    pixels = jnp.arange(rows, dtype=jnp.float32)[:, None]  # one distinct "image" per row
+    noise = gumbel_noise(pixels, jnp.zeros((rows, 1), jnp.int32), n, seed=0)
+    cfg = SelectionConfig(keep=1, aggregate="visual", estimator="reinforce")
+    one = select(fused, cls, text, mask, cfg, noise)
+    freq = np.bincount(np.asarray(one.indices)[:, 0], minlength=n) / rows
+    np.testing.assert_allclose(freq, gate, atol=0.01)  # a draw, not the top 1 (which is always token 0)
+    np.testing.assert_allclose(np.asarray(one.log_prob), np.log(gate[np.asarray(one.indices)[:, 0]]), rtol=1e-6)
+    two = select(fused[:8], cls[:8], text[:8], mask[:8], dataclasses.replace(cfg, keep=2), noise[:8])
+    drawn = np.argsort(-(np.log(gate) + np.asarray(noise[:8])), axis=1)[:, :2]  # draw order
+    expected = np.log(gate[drawn[:, 0]]) + np.log(gate[drawn[:, 1]] / (1 - gate[drawn[:, 0]]))
+    np.testing.assert_allclose(np.asarray(two.log_prob), expected, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(two.indices), np.sort(drawn, axis=1))
+    assert select(fused[:8], cls[:8], text[:8], mask[:8], cfg).log_prob is None  # no noise: the top K
+    with pytest.raises(ValueError, match="reinforce"):
+        select(fused[:8], cls[:8], text[:8], mask[:8], SelectionConfig(keep=1), noise[:8])
+    with pytest.raises(ValueError, match="aggregate"):
+        SelectionConfig(estimator="reinforce", aggregate="rank")
+
+
+def test_gumbel_noise_is_a_function_of_image_and_instruction():
+    pixels = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4, 4, 3)), jnp.float32)
+    question = jnp.asarray([[5, 6, 7], [5, 6, 7], [5, 6, 8]], jnp.int32)
+    same_image = jnp.stack([pixels[0]] * 3)
+    a = np.asarray(gumbel_noise(same_image, question, 16, seed=0))
+    np.testing.assert_array_equal(a[0], a[1])  # same image, same question
+    assert not np.allclose(a[0], a[2])  # same image, another question
+    b = np.asarray(gumbel_noise(pixels, question[:1].repeat(3, 0), 16, seed=0))
+    assert not np.allclose(b[0], b[1])  # another image
+    assert not np.allclose(a, np.asarray(gumbel_noise(same_image, question, 16, seed=1)))
+
+
 def test_bad_selection_config_is_rejected():
     with pytest.raises(ValueError, match="aggregate"):
         SelectionConfig(aggregate="max")
+    with pytest.raises(ValueError, match="estimator"):
+        SelectionConfig(estimator="gumbel")
     fused, cls, text, mask = _selection_inputs()
     with pytest.raises(ValueError, match="exceeds"):
         select(fused, cls, text, mask, SelectionConfig(keep=17))

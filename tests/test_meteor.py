@@ -71,6 +71,45 @@ def test_image_slots_receive_selected_tokens_in_order():
     assert np.all(np.diff(np.asarray(selected.indices), axis=1) > 0)
 
 
+def test_reinforce_training_loss_adds_the_score_function_term_only():
+    """estimator="reinforce": in training the K tokens are a draw, the value is the plain NLL of that draw, and the
+    gradient is the NLL's plus sum_b (NLL_b - mean NLL) grad log p(draw_b); evaluation keeps the top K."""
+    model = tiny_model(estimator="reinforce")
+    batch = tiny_batch(model.cfg)
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def sampled(p):
+        return nnx.merge(graphdef, p).visual_tokens(batch["pixels"], batch["instruction"], batch["instruction_mask"],
+                                                    sample=True)
+
+    def nll_of(p, selected):
+        return next_token_loss(nnx.merge(graphdef, p)(batch, selected), batch["labels"])[0]
+
+    draw = sampled(params)
+    top = nnx.merge(graphdef, params).visual_tokens(batch["pixels"], batch["instruction"], batch["instruction_mask"])
+    assert draw.log_prob is not None and top.log_prob is None
+    assert not np.array_equal(np.asarray(draw.indices), np.asarray(top.indices))  # a draw, not the top K
+    per_sample = np.array([float(next_token_loss(nnx.merge(graphdef, params)(batch, draw)[b:b + 1],
+                                                 batch["labels"][b:b + 1])[0]) for b in range(4)])
+    advantage = jnp.asarray(per_sample - per_sample.mean(), jnp.float32)
+
+    def train_loss(p):
+        return nnx.merge(graphdef, p).loss(batch, train=True)[0]
+
+    def expected(p):
+        selected = sampled(p)
+        return nll_of(p, selected) + jnp.sum(advantage * selected.log_prob)
+
+    np.testing.assert_allclose(float(train_loss(params)), float(nll_of(params, draw)), rtol=1e-6)
+    np.testing.assert_allclose(float(nnx.merge(graphdef, params).loss(batch)[0]),
+                               float(next_token_loss(nnx.merge(graphdef, params)(batch), batch["labels"])[0]),
+                               rtol=1e-6)
+    got, want = jax.grad(train_loss)(params), jax.grad(expected)(params)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5), got, want)
+    term = jax.grad(lambda p: jnp.sum(advantage * sampled(p).log_prob))(params)
+    assert float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(term))) > 0
+
+
 def test_next_token_loss_hand_case():
     logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
     labels = jnp.array([[IGNORE_INDEX, 1, IGNORE_INDEX]])

@@ -127,6 +127,14 @@ def test_study_end_to_end(tmp_path, easy_vqa_data_dir):
         study.run_study(config, workdir, ["pool"], [4])
 
 
+def test_question_dependence_by_hand():
+    # image A: three questions, two keep {1, 2} (in either order), one {3, 4} → 2 of 3 pairs differ;
+    # image B: two questions, the same set → 0 of 1; image C: one question, no pair.
+    kept = [[(1, 2), (2, 1), (3, 4)], [(5, 6), (5, 6)], [(7, 8)]]
+    assert study.question_dependence(kept) == pytest.approx(2 / 4)
+    assert study.question_dependence([[(1, 2)]]) is None
+
+
 def test_selection_coverage_end_to_end(tmp_path, easy_vqa_data_dir):
     """A trained `random` run (tiny config: 16 patches, K = 4) against boxes whose answers are known: the whole
     image (every kept token on it), one corner patch (at most one kept token on it, chance exactly K/N)."""
@@ -145,10 +153,12 @@ def test_selection_coverage_end_to_end(tmp_path, easy_vqa_data_dir):
     rows = study.run_study(config, workdir, ["random", "mlp"], [4], prefill_repeats=1,
                            ground_truth=dict(truth([0, 0, 64, 64]), extra=dict(question_id="extra", answer="x")))
     random_row, mlp_row = rows
-    assert random_row["coverage"] == dict(questions=200, hit=1.0, on_target=1.0, chance_hit=1.0)
+    # by_question 0: the random draw hashes the image only, so every question about an image keeps the same set.
+    assert random_row["coverage"] == dict(questions=200, hit=1.0, on_target=1.0, chance_hit=1.0, by_question=0.0)
     assert "coverage" not in mlp_row  # all tokens kept: nothing to measure
     table = (workdir / "study.md").read_text()
-    assert "| kept token on the asked object (chance) |" in table and "| 1.000 (1.000) |" in table
+    assert "| kept token on the asked object (chance) | kept set changes with the question |" in table
+    assert "| 1.000 (1.000) | 0.000 |" in table
     corner = study.selection_coverage(workdir / "random-k4", truth([0, 0, 1, 1]), batch_size=48)
     assert corner["questions"] == 200 and corner["chance_hit"] == pytest.approx(4 / 16)
     assert corner["on_target"] == pytest.approx(corner["hit"] / 4)

@@ -18,7 +18,7 @@ from meteor_jax.models.fusion import FlashGlobalFusion, FusionConfig
 from meteor_jax.models.layers import GridPositionEmbedding, mesh_of, shard_batch
 from meteor_jax.models.llm import LLM, LLMConfig
 from meteor_jax.models.projectors import BaselineProjector, check_projector
-from meteor_jax.models.selection import Selection, SelectionConfig, select
+from meteor_jax.models.selection import Selection, SelectionConfig, gumbel_noise, select
 from meteor_jax.models.vision import VisionConfig, VisionTower
 
 IGNORE_INDEX = -100
@@ -95,8 +95,10 @@ class Meteor(nnx.Module):
             self.fusion.grid_position = GridPositionEmbedding(cfg.vision.grid, cfg.llm.dim, rngs=rngs)
         self.llm = LLM(cfg.llm, rngs=rngs)
 
-    def visual_tokens(self, pixels: jax.Array, instruction: jax.Array, instruction_mask: jax.Array) -> Selection:
-        """The K selected, fused visual tokens (B, K, d_llm) and the experts' scores."""
+    def visual_tokens(self, pixels: jax.Array, instruction: jax.Array, instruction_mask: jax.Array, *,
+                      sample: bool = False) -> Selection:
+        """The K selected, fused visual tokens (B, K, d_llm) and the experts' scores. `sample` (training with
+        selection.estimator="reinforce"): draw the K tokens from the scores, with the draw's log-probability."""
         # Activations stay split over the batch axes (see layers.shard_batch: otherwise XLA may gather the global
         # batch on every device where they meet fsdp-sharded weights).
         mesh = mesh_of(self.llm.embed.embedding[...])
@@ -106,35 +108,51 @@ class Meteor(nnx.Module):
         else:
             text = shard_batch(self.llm.embed_tokens(instruction), mesh)
             fused = shard_batch(self.fusion(features, text, instruction_mask), mesh)
-            selected = select(fused, cls_attention, text, instruction_mask, self.cfg.selection)
+            noise = None
+            if sample:
+                noise = gumbel_noise(pixels, instruction, fused.shape[1], self.cfg.selection.seed)
+            selected = select(fused, cls_attention, text, instruction_mask, self.cfg.selection, noise)
         if self.cfg.visual_positions == "grid":  # after selection: the kept tokens' own cells, scores unchanged
             position = self.fusion.grid_position(selected.indices).astype(selected.tokens.dtype)
             selected = selected._replace(tokens=selected.tokens + position)
         return selected
 
-    def embed_inputs(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+    def embed_inputs(self, batch: Mapping[str, jax.Array], selected: Selection | None = None) -> jax.Array:
         embeddings = shard_batch(self.llm.embed_tokens(batch["tokens"]), mesh_of(self.llm.embed.embedding[...]))
-        selected = self.visual_tokens(batch["pixels"], batch["instruction"], batch["instruction_mask"])
+        if selected is None:
+            selected = self.visual_tokens(batch["pixels"], batch["instruction"], batch["instruction_mask"])
         return splice_image_tokens(embeddings, selected.tokens, batch["image_mask"])
 
-    def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
-        """Logits (B, T, V), float32."""
+    def __call__(self, batch: Mapping[str, jax.Array], selected: Selection | None = None) -> jax.Array:
+        """Logits (B, T, V), float32. `selected`: visual tokens already chosen (default: `visual_tokens`)."""
         logits, _ = self.llm(
-            self.embed_inputs(batch), positions=positions_from_mask(batch["mask"]), mask=batch["mask"]
+            self.embed_inputs(batch, selected), positions=positions_from_mask(batch["mask"]), mask=batch["mask"]
         )
         return logits
 
-    def loss(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    def loss(self, batch: Mapping[str, jax.Array], *, train: bool = False) -> tuple[jax.Array, jax.Array]:
         """(sum of next-token cross-entropy over trained positions, number of trained positions).
 
         Returned as a sum and a count so micro-batches and data-parallel shards average over all valid
         tokens of the global batch, not per shard.
+
+        `train` with selection.estimator="reinforce" (Meteor only): the K tokens are sampled from the selection
+        scores, and the gradient gains the score-function term sum_b (L_b - mean L) * grad log p(selection_b), L_b
+        the sample's summed NLL: the scores learn which draws lowered the loss, dropped tokens included. The
+        returned value is the plain NLL (the term is added as t - stop_gradient(t)).
         """
-        return next_token_loss(self(batch), batch["labels"])
+        sample = train and self.cfg.projector == "meteor" and self.cfg.selection.estimator == "reinforce"
+        if not sample:
+            return next_token_loss(self(batch), batch["labels"])
+        selected = self.visual_tokens(batch["pixels"], batch["instruction"], batch["instruction_mask"], sample=True)
+        nll, count = next_token_nll(self(batch, selected), batch["labels"])
+        per_sample = jax.lax.stop_gradient(jnp.sum(nll, axis=1))
+        term = jnp.sum((per_sample - jnp.mean(per_sample)) * selected.log_prob)
+        return jnp.sum(nll) + (term - jax.lax.stop_gradient(term)), count
 
 
-def next_token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Position t predicts labels[t + 1]; IGNORE_INDEX targets are skipped. Returns (summed NLL, target count).
+def next_token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Position t predicts labels[t + 1]: (B, T) NLL, 0 where the target is IGNORE_INDEX, and the target count.
 
     The labels are shifted rather than the (B, T, V) logits, and the target logit is picked by comparing against
     the vocabulary iota rather than gathered: both are elementwise ops that fuse into the logsumexp, where a slice
@@ -149,7 +167,13 @@ def next_token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, ja
     picked = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
     nll = jax.nn.logsumexp(logits, axis=-1) - picked
     nll = jnp.where((targets < 0) | (targets >= logits.shape[-1]), jnp.nan, nll)
-    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
+    return jnp.where(valid, nll, 0.0), jnp.sum(valid).astype(jnp.float32)
+
+
+def next_token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(summed NLL, target count) of `next_token_nll`."""
+    nll, count = next_token_nll(logits, labels)
+    return jnp.sum(nll), count
 
 
 def sample_token(logits: jax.Array, rng: jax.Array | None, temperature: float = 0.0, top_p: float = 1.0) -> jax.Array:

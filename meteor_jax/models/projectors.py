@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from meteor_jax.models.layers import dense
-from meteor_jax.models.selection import Selection, visual_expert
+from meteor_jax.models.selection import Selection, image_hash, per_example_uniform, visual_expert
 
 PROJECTORS = ("meteor", "mlp", "pool", "cls_prune", "random")
 
@@ -66,23 +66,9 @@ def top_k_raster(score: jax.Array, keep: int) -> jax.Array:
     return jnp.sort(jax.lax.top_k(score, keep)[1], axis=-1).astype(jnp.int32)
 
 
-_GOLDEN = 0x9E3779B1  # odd: multiplying by it is a bijection mod 2^32
-
-
-def image_hash(pixels: jax.Array) -> jax.Array:
-    """(B, ...) images → (B,) uint32: a position-weighted sum of the float32 bit patterns mod 2^32. Images that
-    differ in any value hash differently unless the weighted differences cancel mod 2^32."""
-    b = pixels.shape[0]
-    bits = jax.lax.bitcast_convert_type(pixels.astype(jnp.float32).reshape(b, -1), jnp.uint32)
-    weights = jnp.arange(bits.shape[1], dtype=jnp.uint32) * jnp.uint32(_GOLDEN) | jnp.uint32(1)
-    return jnp.sum(bits * weights, axis=1, dtype=jnp.uint32)
-
-
 def random_scores(pixels: jax.Array, n: int, seed: int) -> jax.Array:
     """(B, N) uniform scores, a function of (seed, image content) only; their top K is a uniform K-subset."""
-    base = jax.random.key(seed)
-    keys = jax.vmap(lambda h: jax.random.fold_in(base, h))(image_hash(pixels))
-    return jax.vmap(lambda k: jax.random.uniform(k, (n,)))(keys)
+    return per_example_uniform(image_hash(pixels), n, seed)
 
 
 class BaselineProjector(nnx.Module):

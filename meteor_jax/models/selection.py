@@ -6,6 +6,13 @@ the LLM's embedding space) and the valid instruction tokens, at temperature τ.
 K is static, so every shape is static; kept tokens stay in raster order.
 Ablations: `aggregate="visual"` ranks by the visual expert alone, `aggregate="native"` by the native expert alone
 (the straight-through gate then uses that expert's score too).
+
+Training the experts through a hard top-K: the forward pass is always the hard selection; `estimator` picks the
+straight-through gradient. `gate` scales each kept token by 1 + g − sg(g) (g its aggregate score), so only the
+kept tokens' scores get a gradient, and only through the tokens' scale, which the decoder's pre-norm largely hides.
+`soft` adds m − sg(m) to every kept token, m the score-weighted mean of all N (stop-gradient) tokens: every
+token's score, kept or dropped, gets ⟨Σ_k ∂L/∂kept_k, token⟩, the first-order gain of moving the kept tokens
+toward that token.
 """
 from __future__ import annotations
 
@@ -16,6 +23,8 @@ import jax
 import jax.numpy as jnp
 
 AGGREGATES = ("mean", "rank", "split", "visual", "native")
+ESTIMATORS = ("gate", "soft", "reinforce")
+_GOLDEN = 0x9E3779B1  # odd: multiplying by it is a bijection mod 2^32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,11 +34,19 @@ class SelectionConfig:
     aggregate: str = "mean"  # mean | rank | split | visual (visual expert only) | native (native expert only)
     alpha: float = 0.5  # weight of the visual expert in `mean` (and in the straight-through gate)
     straight_through: bool = True
+    # gate: kept tokens scaled by their score | soft: + the score-weighted mean of all tokens | reinforce: gate, and
+    # in training the K tokens are sampled from the scores and the loss adds a score-function term (models/meteor.py)
+    estimator: str = "gate"
     seed: int = 0  # model.projector="random": the seed of the per-image draw (models/projectors.py)
 
     def __post_init__(self):
         if self.aggregate not in AGGREGATES:
             raise ValueError(f"selection.aggregate={self.aggregate!r}; expected one of {AGGREGATES}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"selection.estimator={self.estimator!r}; expected one of {ESTIMATORS}")
+        if self.estimator == "reinforce" and self.aggregate not in ("mean", "visual", "native"):
+            raise ValueError(f"selection.estimator='reinforce' samples from the aggregate score as a distribution: "
+                             f"aggregate must be mean, visual or native, got {self.aggregate!r}")
         if self.keep < 1:
             raise ValueError(f"selection.keep={self.keep} must be >= 1")
         if self.temperature <= 0:
@@ -44,6 +61,7 @@ class Selection(NamedTuple):
     visual_score: jax.Array  # (B, N)
     native_score: jax.Array  # (B, N)
     score: jax.Array  # (B, N) the aggregate used for ranking
+    log_prob: jax.Array | None = None  # (B,) log-probability of a sampled selection (select's `noise`), else None
 
 
 def visual_expert(cls_attention: jax.Array) -> jax.Array:
@@ -64,6 +82,30 @@ def native_expert(fused: jax.Array, text: jax.Array, text_mask: jax.Array, tempe
     return jax.nn.softmax(mean_cos / temperature, axis=-1)
 
 
+def image_hash(pixels: jax.Array) -> jax.Array:
+    """(B, ...) arrays → (B,) uint32: a position-weighted sum of the float32 bit patterns mod 2^32. Rows that
+    differ in any value hash differently unless the weighted differences cancel mod 2^32."""
+    b = pixels.shape[0]
+    bits = jax.lax.bitcast_convert_type(pixels.astype(jnp.float32).reshape(b, -1), jnp.uint32)
+    weights = jnp.arange(bits.shape[1], dtype=jnp.uint32) * jnp.uint32(_GOLDEN) | jnp.uint32(1)
+    return jnp.sum(bits * weights, axis=1, dtype=jnp.uint32)
+
+
+def per_example_uniform(hashes: jax.Array, n: int, seed: int) -> jax.Array:
+    """(B,) uint32 → (B, N) uniform [0, 1) draws from `seed` folded with each row's hash."""
+    base = jax.random.key(seed)
+    keys = jax.vmap(lambda h: jax.random.fold_in(base, h))(hashes)
+    return jax.vmap(lambda k: jax.random.uniform(k, (n,)))(keys)
+
+
+def gumbel_noise(pixels: jax.Array, instruction: jax.Array, n: int, seed: int) -> jax.Array:
+    """(B, N) standard Gumbel noise, a function of (seed, image, instruction): the same sample keeps its draw
+    across steps and devices, different questions about one image get different draws."""
+    hashes = image_hash(pixels) * jnp.uint32(_GOLDEN) + image_hash(instruction)
+    u = per_example_uniform(hashes, n, seed)
+    return -jnp.log(-jnp.log(jnp.clip(u, 1e-12, 1.0 - 1e-7)))
+
+
 def _ranks(score: jax.Array) -> jax.Array:
     """0 for the lowest score, N-1 for the highest (ties: the lower index ranks higher, as top_k)."""
     n = score.shape[-1]
@@ -82,8 +124,12 @@ def select(
     text: jax.Array,
     text_mask: jax.Array,
     cfg: SelectionConfig,
+    noise: jax.Array | None = None,
 ) -> Selection:
-    """Keep K of the N fused tokens (B, N, D) by the aggregated expert scores."""
+    """Keep K of the N fused tokens (B, N, D) by the aggregated expert scores. With `noise` ((B, N) Gumbel, only
+    for estimator="reinforce" in training) the K tokens are a sample without replacement from the aggregate
+    distribution instead of its top K (Gumbel top-K), and `log_prob` is that sample's Plackett-Luce
+    log-probability in draw order."""
     n = fused.shape[1]
     if cfg.keep > n:
         raise ValueError(f"selection.keep={cfg.keep} exceeds the number of visual tokens {n}")
@@ -105,8 +151,18 @@ def select(
         taken = _mark(visual_idx, n)
         native_idx = _top_k_indices(jnp.where(taken, -jnp.inf, s_n), cfg.keep - k_v)
         score = jnp.where(taken, 2.0, 0.0) + jnp.where(_mark(native_idx, n), 1.0, 0.0)
+    log_prob = None
+    if noise is not None and cfg.estimator != "reinforce":
+        raise ValueError(f"select: sampling noise is for selection.estimator='reinforce', not {cfg.estimator!r}")
     if cfg.keep == n:
         indices = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), s_v.shape)
+    elif noise is not None:
+        log_gate = jnp.log(jnp.maximum(gate, 1e-30))
+        drawn = _top_k_indices(log_gate + noise, cfg.keep)  # draw order
+        picked = jnp.take_along_axis(gate, drawn, axis=1)
+        left = 1.0 - (jnp.cumsum(picked, axis=1) - picked)  # mass not yet drawn before each draw
+        log_prob = jnp.sum(jnp.take_along_axis(log_gate, drawn, axis=1) - jnp.log(jnp.maximum(left, 1e-30)), axis=1)
+        indices = jnp.sort(drawn, axis=-1).astype(jnp.int32)
     else:
         indices = jnp.sort(_top_k_indices(score, cfg.keep), axis=-1).astype(jnp.int32)
     tokens = jnp.take_along_axis(fused, indices[..., None], axis=1)
@@ -114,7 +170,10 @@ def select(
         g = jnp.take_along_axis(gate, indices, axis=1)
         # g - sg(g) is exactly 0 in the forward pass, so the kept values are bit-identical.
         tokens = tokens * (1.0 + (g - jax.lax.stop_gradient(g)))[..., None].astype(tokens.dtype)
-    return Selection(tokens, indices, s_v, s_n, score)
+        if cfg.estimator == "soft":
+            mix = jnp.einsum("bn,bnd->bd", gate, jax.lax.stop_gradient(fused).astype(jnp.float32))
+            tokens = tokens + (mix - jax.lax.stop_gradient(mix))[:, None, :].astype(tokens.dtype)
+    return Selection(tokens, indices, s_v, s_n, score, log_prob)
 
 
 def _mark(indices: jax.Array, n: int) -> jax.Array:

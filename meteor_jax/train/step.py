@@ -95,7 +95,7 @@ def make_train_step(
 
         def loss_fn(trained_params, micro):
             with sharding.logical_rules(rules):  # activation constraints under the same rules as the parameters
-                return nnx.merge(graphdef, join(trained_params, frozen)).loss(micro)  # (sum NLL, token count)
+                return nnx.merge(graphdef, join(trained_params, frozen)).loss(micro, train=True)  # (sum NLL, count)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if micro_batches == 1:
