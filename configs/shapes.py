@@ -2,6 +2,8 @@
 
     python -m meteor_jax.main --config configs/shapes.py --workdir /tmp/meteor_shapes_run
     python -m meteor_jax.main --config configs/shapes.py:/data/shapes --workdir ...   # the dataset elsewhere
+    python -m meteor_jax.main --config configs/shapes.py:free --workdir ...   # objects anywhere (layout free)
+    python -m meteor_jax.main --config configs/shapes.py:free:/data/shapes_free --workdir ...
 
 Each 64×64 test image holds four objects (one per quadrant, four shapes, four of six colours) and each question
 names one of them ("What colour is the triangle?", "Where is the red object?"), so which visual tokens matter
@@ -28,6 +30,7 @@ from configs import common
 from meteor_jax.data import shapes
 
 DEFAULT_DIR = "/tmp/meteor_shapes_v2"  # v2: with the shape-order descriptions
+FREE_DIR = "/tmp/meteor_shapes_free"  # `configs/shapes.py:free`: the same recipe with freely placed objects
 NUM_TRAIN, NUM_TEST, SEED = 10_000, 1_000, 0  # images (4 questions each; train: + 1 existence question + 1 description)
 DESCRIBE = shapes.DESCRIBE_SHAPES_BIT
 TRAIN_RECORDS = NUM_TRAIN * 6  # 4 questions, 1 existence question, 1 description per image
@@ -37,9 +40,11 @@ TEXT_LEN = 32
 
 
 def get_config(arg: str | None = None):
-    data_dir = arg or DEFAULT_DIR
+    layout, data_dir = "quadrants", arg or DEFAULT_DIR
+    if arg and arg.partition(":")[0] == "free":
+        layout, data_dir = "free", arg.partition(":")[2] or FREE_DIR
     shapes.ensure_dataset(data_dir, num_train=NUM_TRAIN, num_test=NUM_TEST, seed=SEED, image_size=64,
-                          train_describe=DESCRIBE)
+                          train_describe=DESCRIBE, layout=layout)
     config = common.base_config(common.model_config(
         projector="mlp",
         vision=dict(image_size=64, patch_size=8, width=64, depth=2, num_heads=4, mlp_dim=128, select_layer=-1,

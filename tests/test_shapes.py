@@ -36,41 +36,73 @@ def _files(root) -> dict[str, bytes]:
 # ------------------------------------------------------------------------------------ a solver that reads pixels
 
 
-def _detect(rgb: np.ndarray) -> list[dict]:
-    """The four objects of an image from its pixels alone: per quadrant, the pixels that differ from the
-    background (the corner pixel: objects keep a margin), their bounding box, their colour (the nearest palette
-    colour to their median) and their shape (which of a few probe points inside the box are filled)."""
-    size = rgb.shape[0]
-    cell = size // 2
-    background = rgb[0, 0].astype(int)
+def _read_object(mask: np.ndarray, rgb: np.ndarray, x_offset: int, y_offset: int) -> dict:
+    """One object's colour (the nearest palette colour to its median), shape (which of a few probe points inside
+    its box are filled) and bounding box, from the mask of its pixels in `rgb` (a crop at the given offset)."""
     palette = np.array(list(shapes.COLOURS.values()))
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
+    median = np.median(rgb[mask], axis=0)
+    colour = list(shapes.COLOURS)[int(np.argmin(((palette - median) ** 2).sum(-1)))]
+    w = x1 - x0
+
+    def filled(fx, fy):
+        return bool(mask[int(round(y0 + fy * w)), int(round(x0 + fx * w))])
+
+    if filled(0, 0):
+        shape = "square"
+    elif filled(0, 1) and filled(1, 1):
+        shape = "triangle"  # both bottom corners, no top corner
+    elif filled(0.25, 0.25):
+        shape = "circle"  # the cross leaves its bounding box's quarter points empty
+    else:
+        shape = "cross"
+    return dict(colour=colour, shape=shape,
+                bbox=[int(x0 + x_offset), int(y0 + y_offset), int(x1 + x_offset + 1), int(y1 + y_offset + 1)])
+
+
+def _detect(rgb: np.ndarray) -> list[dict]:
+    """The objects of a quadrant-layout image from its pixels alone: per quadrant, the pixels that differ from the
+    background (the corner pixel: objects keep a margin)."""
+    cell = rgb.shape[0] // 2
+    rgb = rgb.astype(int)
     found = []
     for k, position in enumerate(shapes.POSITIONS):
         r0, c0 = (k // 2) * cell, (k % 2) * cell
-        patch = rgb[r0:r0 + cell, c0:c0 + cell].astype(int)
-        mask = np.abs(patch - background).max(-1) > 30
-        ys, xs = np.nonzero(mask)
-        if not len(ys):
-            continue  # an empty quadrant (training images may hold fewer than four objects)
-        y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
-        median = np.median(patch[mask], axis=0)
-        colour = list(shapes.COLOURS)[int(np.argmin(((palette - median) ** 2).sum(-1)))]
-        w = x1 - x0
-
-        def filled(fx, fy):
-            return bool(mask[int(round(y0 + fy * w)), int(round(x0 + fx * w))])
-
-        if filled(0, 0):
-            shape = "square"
-        elif filled(0, 1) and filled(1, 1):
-            shape = "triangle"  # both bottom corners, no top corner
-        elif filled(0.25, 0.25):
-            shape = "circle"  # the cross leaves its bounding box's quarter points empty
-        else:
-            shape = "cross"
-        found.append(dict(position=position, colour=colour, shape=shape,
-                          bbox=[int(x0 + c0), int(y0 + r0), int(x1 + c0 + 1), int(y1 + r0 + 1)]))
+        patch = rgb[r0:r0 + cell, c0:c0 + cell]
+        mask = np.abs(patch - rgb[0, 0]).max(-1) > 30
+        if mask.any():  # else an empty quadrant (training images may hold fewer than four objects)
+            found.append(dict(position=position, **_read_object(mask, patch, c0, r0)))
     return found
+
+
+def _detect_free(rgb: np.ndarray) -> list[dict]:
+    """The objects of a free-layout image from its pixels alone: the 8-connected regions that differ from the
+    background (objects never touch), each placed in the quadrant of its box's centre; in quadrant order, then
+    top to bottom, then left to right."""
+    size = rgb.shape[0]
+    rgb = rgb.astype(int)
+    foreground = np.abs(rgb - rgb[0, 0]).max(-1) > 30
+    seen = np.zeros_like(foreground)
+    found = []
+    for start in zip(*np.nonzero(foreground)):
+        if seen[start]:
+            continue
+        region, stack = np.zeros_like(foreground), [start]
+        seen[start] = True
+        while stack:
+            y, x = stack.pop()
+            region[y, x] = True
+            for ny in range(max(y - 1, 0), min(y + 2, size)):
+                for nx in range(max(x - 1, 0), min(x + 2, size)):
+                    if foreground[ny, nx] and not seen[ny, nx]:
+                        seen[ny, nx] = True
+                        stack.append((ny, nx))
+        obj = _read_object(region, rgb, 0, 0)
+        x0, y0, x1, y1 = obj["bbox"]
+        quadrant = 2 * int((y0 + y1) / 2 >= size // 2) + int((x0 + x1) / 2 >= size // 2)
+        found.append((quadrant, y0, x0, dict(position=shapes.POSITIONS[quadrant], **obj)))
+    return [obj for *_, obj in sorted(found, key=lambda o: o[:3])]
 
 
 def _solve(question: str, objects: list[dict]) -> str:
@@ -108,17 +140,19 @@ def test_describe_bits(describe, kinds):
         shapes.make_split("train", 1, seed=2, describe=4)
 
 
-@pytest.mark.parametrize("objects", [(4,), (1, 2, 3, 4)])
-def test_every_answer_is_read_from_the_named_objects_pixels(objects):
+@pytest.mark.parametrize("objects, layout", [((4,), "quadrants"), ((1, 2, 3, 4), "quadrants"), ((4,), "free"),
+                                             ((1, 2, 3, 4), "free")])
+def test_every_answer_is_read_from_the_named_objects_pixels(objects, layout):
     """Generated answers (descriptions included) equal what a pixel-level solver reads from the named object's
     region, and the recorded bounding box is that object's."""
     images, records = shapes.make_split("train", 150, seed=11, questions_per_image=16, objects=objects, exists=2,
-                                        describe=3)
+                                        describe=3, layout=layout)
+    detect = _detect if layout == "quadrants" else _detect_free
     assert len({r["id"] for r in records}) == len(records)
     assert len(records) == sum(4 * r["num_objects"] + 4 for r in records if r["id"].endswith("_0"))
     assert sum(r["question_type"] == shapes.DESCRIBE for r in records) == 150
     assert sum(r["question_type"] == shapes.DESCRIBE_SHAPES for r in records) == 150
-    detected = {name: _detect(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))) for name, data in images.items()}
+    detected = {name: detect(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))) for name, data in images.items()}
     counts = {r["image"]: r["num_objects"] for r in records}
     assert set(counts.values()) == set(objects)
     for name, found in detected.items():
@@ -134,15 +168,37 @@ def test_every_answer_is_read_from_the_named_objects_pixels(objects):
             assert ((r["question_type"], answer) == (shapes.EXISTS, "no")
                     or r["question_type"] in (shapes.DESCRIBE, shapes.DESCRIBE_SHAPES))
             continue
-        target = next(o for o in objects if o["position"] == r["target"]["position"])
+        target = next(o for o in objects if o["shape"] == r["target"]["shape"])
         assert target["bbox"] == r["target"]["bbox"], r["id"]
         assert (target["shape"], target["colour"]) == (r["target"]["shape"], r["target"]["colour"])
     # 16 questions per image (at most 4 per object): every (type, object) pair exactly once
     by_image = {}
     for r in records:
         if r["question_type"] not in (shapes.EXISTS, shapes.DESCRIBE, shapes.DESCRIBE_SHAPES):
-            by_image.setdefault(r["image"], []).append((r["question_type"], r["target"]["position"]))
+            by_image.setdefault(r["image"], []).append((r["question_type"], r["target"]["shape"]))
     assert all(len(set(asked)) == len(asked) == 4 * counts[name] for name, asked in by_image.items())
+
+
+def test_free_layout_breaks_the_one_object_per_quadrant_prior():
+    """Free placement is what it claims: no two boxes touch or overlap, and a fixed 2×2 grid no longer holds one
+    object per cell (a few test images put two objects in one quadrant, about a third of the boxes straddle a
+    midline)."""
+    _, records = shapes.make_split("test", 200, seed=5, layout="free")
+    boxes = {}
+    for r in records:
+        boxes.setdefault(r["image"], {})[r["target"]["shape"]] = r["target"]
+    shared = straddling = 0
+    for objects in boxes.values():
+        for a in objects.values():
+            for b in objects.values():
+                if a is not b:
+                    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a["bbox"], b["bbox"]
+                    assert ax1 < bx0 or bx1 < ax0 or ay1 < by0 or by1 < ay0, (a, b)  # a pixel apart at least
+        shared += len({o["position"] for o in objects.values()}) < len(objects)
+        straddling += sum(o["bbox"][0] < 32 < o["bbox"][2] or o["bbox"][1] < 32 < o["bbox"][3] for o in objects.values())
+    assert shared >= 3 and straddling >= 200  # of 200 images, 800 objects (5 and 260 with this seed)
+    with pytest.raises(ValueError, match="layout"):
+        shapes.make_split("test", 1, seed=5, layout="grid")
 
 
 # ------------------------------------------------------------------------------------------------ determinism
@@ -226,6 +282,12 @@ def test_ensure_dataset_reuses_a_complete_dataset_and_refuses_another(dataset, t
     assert os.stat(dataset / "train.json").st_mtime_ns == before
     with pytest.raises(ValueError, match="made with .*num_train.: 40"):
         shapes.ensure_dataset(dataset, num_train=40, num_test=10, seed=4)
+    # a dataset written before layouts existed (no layout in its manifest) is a quadrants one
+    del manifest["args"]["layout"]
+    (dataset / "dataset.json").write_text(json.dumps(manifest))
+    shapes.ensure_dataset(dataset, num_train=40, num_test=10, seed=3)
+    with pytest.raises(ValueError, match="made with .*'layout': 'quadrants'"):
+        shapes.ensure_dataset(dataset, num_train=40, num_test=10, seed=3, layout="free")
     # an incomplete directory (no dataset.json) is regenerated
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / "train.json").write_text("[")
@@ -234,8 +296,8 @@ def test_ensure_dataset_reuses_a_complete_dataset_and_refuses_another(dataset, t
 
 
 def test_config_generates_its_dataset_and_every_sample_fits(tmp_path, monkeypatch):
-    """configs/shapes.py:DIR generates the dataset in DIR; its vocabulary, max_len and instruction_len hold every
-    sample of it whole."""
+    """configs/shapes.py:DIR generates the dataset in DIR (configs/shapes.py:free:DIR the free layout); its
+    vocabulary, max_len and instruction_len hold every sample of it whole."""
     from configs import shapes as shapes_config
     from meteor_jax import config as config_lib
     from meteor_jax.data.features import make_features
@@ -260,6 +322,11 @@ def test_config_generates_its_dataset_and_every_sample_fits(tmp_path, monkeypatc
         features = make_features(r, tokenizer, spec, image=image)
         assert not features["truncated"], r["id"]
         assert len(tokenizer.encode(instruction_text(r["conversations"]))) <= spec.instruction_len
+    with pytest.raises(ValueError, match="holds a shapes dataset made with .*'layout': 'quadrants'"):
+        shapes_config.get_config(f"free:{tmp_path}/data")
+    free = shapes_config.get_config(f"free:{tmp_path}/free")  # the free layout: its own directory
+    assert free.data.train == f"llava_json:{tmp_path}/free/train.json"
+    assert json.loads((tmp_path / "free" / "dataset.json").read_text())["args"]["layout"] == "free"
     with pytest.raises(ValueError, match="holds a shapes dataset made with"):
         monkeypatch.setattr(shapes_config, "NUM_TRAIN", 31)
         shapes_config.get_config(str(tmp_path / "data"))
@@ -296,6 +363,7 @@ def test_cli_writes_the_dataset(tmp_path):
     (["--train", "2", "--test", "1", "--train_objects", "1,two"], "expected comma-separated integers"),
     (["--train", "2", "--test", "1", "--train_exists", "-1"], "--train_exists must be >= 0"),
     (["--train", "2", "--test", "1", "--train_describe", "4"], r"--train_describe must be 0 to 3"),
+    (["--train", "2", "--test", "1", "--layout", "grid"], r"argument --layout: invalid choice: 'grid'"),
 ])
 def test_cli_errors(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:

@@ -3,9 +3,11 @@ that object's region answers it, so the visual tokens a model needs depend on th
 
     python -m meteor_jax.data.shapes --out /tmp/meteor_shapes --train 10000 --test 1000 --seed 0 [--image_size 64]
         [--questions_per_image 4] [--train_objects 1,2,3,4] [--test_objects 4] [--train_exists 1]
-        [--train_describe 0]
+        [--train_describe 0] [--layout quadrants]
 
-Each test image is a plain grey background with four objects, one per quadrant at a jittered position and size:
+Each test image is a plain grey background with four objects, one per quadrant at a jittered position and size
+(`--layout quadrants`, the default) or anywhere in the image without overlapping (`--layout free`; an object's
+position is then the quadrant its centre lies in, and two objects may share one):
 the four shapes (circle, square, triangle, cross) in a random order, each in a different colour drawn from six
 (red, green, blue, yellow, purple, cyan). Training images hold 1 to 4 such objects (`--train_objects`, drawn
 uniformly; the rest of the quadrants empty): a one-object image teaches what a shape, a colour and a quadrant look
@@ -71,6 +73,10 @@ COLOURS = {  # well separated in RGB, none close to the grey background
     "cyan": (30, 200, 210),
 }
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")  # quadrant k: row k // 2, column k % 2
+# quadrants: one object per quadrant, so 2×2 average pooling hands a model one token per object (a perfect prior
+# for pooling to 4 tokens); free: objects anywhere, not overlapping, so no fixed grid of tokens holds one each.
+LAYOUTS = ("quadrants", "free")
+_FREE_TRIES = 1000  # placements drawn per object before the image starts over (free layout)
 QUESTION_TYPES = ("colour", "shape", "where_shape", "where_colour")
 MAX_QUESTIONS_PER_IMAGE = len(QUESTION_TYPES) * len(POSITIONS)  # every (type, object) pair once
 # Training images also get yes/no existence questions ("Is there a red object?", "Is there a cross?"; yes for half
@@ -141,11 +147,17 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def make_image(rng: np.random.Generator, image_size: int = 64, num_objects: int = 4) -> tuple[Image.Image, list[Obj]]:
-    """One image and its objects (in quadrant order): `num_objects` of the four quadrants, chosen at random, hold
-    one object each, with distinct shapes and distinct colours."""
+def make_image(rng: np.random.Generator, image_size: int = 64, num_objects: int = 4,
+               layout: str = "quadrants") -> tuple[Image.Image, list[Obj]]:
+    """One image and its objects (in quadrant order), with distinct shapes and distinct colours. `quadrants`:
+    `num_objects` of the four quadrants, chosen at random, hold one object each. `free`: the objects lie anywhere
+    with at least a pixel between their boxes, each labelled with the quadrant of its centre."""
     if not 1 <= num_objects <= len(POSITIONS):
         raise ValueError(f"num_objects must be in [1, {len(POSITIONS)}], got {num_objects}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "free":
+        return _make_free_image(rng, image_size, num_objects)
     cell = image_size // 2
     bg = int(rng.integers(BACKGROUND[0], BACKGROUND[1] + 1))
     image = Image.new("RGB", (image_size, image_size), (bg, bg, bg))
@@ -170,6 +182,39 @@ def make_image(rng: np.random.Generator, image_size: int = 64, num_objects: int 
     return image, objects
 
 
+def _make_free_image(rng: np.random.Generator, image_size: int, num_objects: int) -> tuple[Image.Image, list[Obj]]:
+    cell = image_size // 2
+    bg = int(rng.integers(BACKGROUND[0], BACKGROUND[1] + 1))
+    shapes = rng.permutation(len(SHAPES))
+    names = list(COLOURS)
+    colours = rng.choice(len(names), size=len(POSITIONS), replace=False)
+    margin = max(cell // 16, 1)
+    while True:  # rejection sampling: each object's box at least a pixel away from those placed before it
+        boxes = []
+        for _ in range(num_objects):
+            size = int(rng.integers(int(cell * 0.55), int(cell * 0.8) + 1))
+            for _ in range(_FREE_TRIES):
+                x, y = (int(v) for v in rng.integers(margin, image_size - margin - size + 1, 2))
+                if all(x + size < bx0 or bx1 < x or y + size < by0 or by1 < y for bx0, by0, bx1, by1 in boxes):
+                    boxes.append((x, y, x + size, y + size))
+                    break
+            else:
+                break
+        if len(boxes) == num_objects:
+            break
+    image = Image.new("RGB", (image_size, image_size), (bg, bg, bg))
+    draw = ImageDraw.Draw(image)
+    objects = []
+    for k, (x0, y0, x1, y1) in enumerate(boxes):
+        quadrant = 2 * int((y0 + y1) / 2 >= cell) + int((x0 + x1) / 2 >= cell)
+        base = np.array(COLOURS[names[colours[k]]])
+        rgb = tuple(int(c) for c in np.clip(base + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255))
+        _draw(draw, SHAPES[shapes[k]], (x0, y0, x1 - 1, y1 - 1), rgb)
+        objects.append((quadrant, y0, x0, Obj(SHAPES[shapes[k]], names[colours[k]], POSITIONS[quadrant],
+                                              (x0, y0, x1, y1), rgb)))
+    return image, [obj for *_, obj in sorted(objects, key=lambda o: o[:3])]
+
+
 def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=6)  # fixed settings: the same image gives the same bytes
@@ -178,7 +223,7 @@ def _png(image: Image.Image) -> bytes:
 
 def make_split(split: str, num_images: int, seed: int, image_size: int = 64, questions_per_image: int = 4,
                objects: Sequence[int] | None = None, exists: int | None = None, describe: int | None = None,
-               progress: bool = False) -> tuple[dict[str, bytes], list[dict]]:
+               progress: bool = False, layout: str = "quadrants") -> tuple[dict[str, bytes], list[dict]]:
     """The PNG bytes by file name and the LLaVA records of one split (records in image order). Each image holds
     one of `objects` objects (drawn uniformly; default TRAIN_OBJECTS or TEST_OBJECTS) and gets
     min(questions_per_image, 4 × its objects) questions, then `exists` existence questions (default TRAIN_EXISTS
@@ -197,7 +242,7 @@ def make_split(split: str, num_images: int, seed: int, image_size: int = 64, que
     if not 0 <= describe <= ALL_DESCRIPTIONS:
         raise ValueError(f"describe is a set of bits (1: by quadrant, 2: by shape), 0 to 3, got {describe}")
     check_args(num_images=num_images, seed=seed, image_size=image_size, questions_per_image=questions_per_image,
-               objects=objects, allow_zero=True)
+               objects=objects, layout=layout, allow_zero=True)
     objects = tuple(int(n) for n in objects)
     images, records = {}, []
     steps = range(num_images)
@@ -208,7 +253,7 @@ def make_split(split: str, num_images: int, seed: int, image_size: int = 64, que
     for i in steps:
         rng = np.random.default_rng([seed, _SPLITS[split], i])
         num_objects = objects[int(rng.integers(len(objects)))] if len(objects) > 1 else objects[0]
-        image, drawn = make_image(rng, image_size, num_objects)
+        image, drawn = make_image(rng, image_size, num_objects, layout)
         name = f"{split}_{i:06d}.png"
         images[name] = _png(image)
         # Question q asks type q % 4 about an object not yet asked with that type (a fresh random order per type).
@@ -296,7 +341,8 @@ def answer_distribution(records: Iterable[dict]) -> dict[str, dict[str, float]]:
 def check_args(*, num_images: int | None = None, num_train: int | None = None, num_test: int | None = None,
                seed: int = 0, image_size: int = 64, questions_per_image: int = 4, objects: Sequence[int] = (4,),
                train_objects: Sequence[int] | None = None, test_objects: Sequence[int] | None = None,
-               train_exists: int = 0, train_describe: int = 0, allow_zero: bool = False) -> None:
+               train_exists: int = 0, train_describe: int = 0, layout: str = "quadrants",
+               allow_zero: bool = False) -> None:
     """ValueError naming the bad argument."""
     if num_train is not None and num_train < 1:
         raise ValueError(f"--train must be at least 1 image, got {num_train}")
@@ -316,6 +362,8 @@ def check_args(*, num_images: int | None = None, num_train: int | None = None, n
         raise ValueError(f"--train_exists must be >= 0, got {train_exists}")
     if not 0 <= train_describe <= ALL_DESCRIPTIONS:
         raise ValueError(f"--train_describe must be 0 to 3 (bits: 1 by quadrant, 2 by shape), got {train_describe}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     for flag, counts in (("objects", objects), ("--train_objects", train_objects), ("--test_objects", test_objects)):
         if counts is not None and (not len(counts) or any(not 1 <= int(n) <= len(POSITIONS) for n in counts)):
             raise ValueError(f"{flag} must be a non-empty list of object counts in [1, {len(POSITIONS)}], "
@@ -331,14 +379,14 @@ def _write_jsonl(path: str, rows: Iterable[dict]) -> None:
 def generate(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int = 0, image_size: int = 64,
              questions_per_image: int = 4, train_objects: Sequence[int] = TRAIN_OBJECTS,
              test_objects: Sequence[int] = TEST_OBJECTS, train_exists: int = TRAIN_EXISTS,
-             train_describe: int = TRAIN_DESCRIBE, progress: bool = True) -> dict:
+             train_describe: int = TRAIN_DESCRIBE, layout: str = "quadrants", progress: bool = True) -> dict:
     """Write the dataset under `out` (see the module docstring); returns the manifest (also DIR/dataset.json).
 
     Files are written into a temporary folder next to `out` and moved in at the end, and dataset.json comes last,
     so an interrupted run never leaves a dataset that looks complete. An existing dataset in `out` is replaced."""
     check_args(num_train=num_train, num_test=num_test, seed=seed, image_size=image_size,
                questions_per_image=questions_per_image, train_objects=train_objects, test_objects=test_objects,
-               train_exists=train_exists, train_describe=train_describe)
+               train_exists=train_exists, train_describe=train_describe, layout=layout)
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} exists and is not a directory")
@@ -351,7 +399,7 @@ def generate(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int
                 ("train", num_train, train_objects, train_exists, train_describe),
                 ("test", num_test, test_objects, 0, 0)):
             images, records = make_split(split, n, seed, image_size, questions_per_image, objects, exists,
-                                         describe, progress=progress)
+                                         describe, progress=progress, layout=layout)
             for name, data in images.items():
                 with open(os.path.join(tmp, "images", name), "wb") as f:
                     f.write(data)
@@ -367,7 +415,7 @@ def generate(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int
         manifest = dict(
             generator="meteor_jax.data.shapes", version=VERSION,
             args=_args(num_train, num_test, seed, image_size, questions_per_image, train_objects, test_objects,
-                       train_exists, train_describe),
+                       train_exists, train_describe, layout),
             images=dict(train=num_train, test=num_test),
             questions=dict(train=len(splits["train"]), test=len(test)),
             text_prior_accuracy=text_prior_accuracy(splits["train"], test),
@@ -394,27 +442,28 @@ def generate(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int
 
 
 def _args(num_train, num_test, seed, image_size, questions_per_image, train_objects, test_objects,
-          train_exists, train_describe) -> dict:
+          train_exists, train_describe, layout) -> dict:
     return dict(num_train=num_train, num_test=num_test, seed=seed, image_size=image_size,
                 questions_per_image=questions_per_image, train_objects=[int(n) for n in train_objects],
                 test_objects=[int(n) for n in test_objects], train_exists=int(train_exists),
-                train_describe=int(train_describe))
+                train_describe=int(train_describe), layout=layout)
 
 
 def ensure_dataset(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int = 0, image_size: int = 64,
                    questions_per_image: int = 4, train_objects: Sequence[int] = TRAIN_OBJECTS,
                    test_objects: Sequence[int] = TEST_OBJECTS, train_exists: int = TRAIN_EXISTS,
-                   train_describe: int = TRAIN_DESCRIBE, progress: bool = True) -> dict:
+                   train_describe: int = TRAIN_DESCRIBE, layout: str = "quadrants", progress: bool = True) -> dict:
     """The dataset in `out`: generated when `out` holds no complete dataset (no dataset.json). A complete one made
     with other arguments is an error (never silently replaced or used)."""
     wanted = _args(num_train, num_test, seed, image_size, questions_per_image, train_objects, test_objects,
-                   train_exists, train_describe)
+                   train_exists, train_describe, layout)
     manifest_path = os.path.join(os.fspath(out), "dataset.json")
     if os.path.isfile(manifest_path):
         with open(manifest_path) as f:
             manifest = json.load(f)
         # A dataset written before descriptions existed has none: the same files as train_describe=0.
         manifest.get("args", {}).setdefault("train_describe", 0)
+        manifest.get("args", {}).setdefault("layout", "quadrants")  # and before free layouts: quadrants
         if manifest.get("version") != VERSION or manifest.get("args") != wanted:
             raise ValueError(f"{out} holds a shapes dataset made with {manifest.get('args')} (version "
                              f"{manifest.get('version')}), not {wanted} (version {VERSION}): use another "
@@ -451,6 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"bits, 0 to 3: 1 gives each training image \"{DESCRIBE_QUESTION}\" → its objects in "
                              f"quadrant order, 2 \"{DESCRIBE_SHAPES_QUESTION}\" → its objects in shape order, 3 both "
                              f"(default {TRAIN_DESCRIBE}; test: none)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="quadrants",
+                        help="quadrants: one object per quadrant (default); free: anywhere, not overlapping")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
@@ -458,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             image_size=args.image_size, questions_per_image=args.questions_per_image,
                             train_objects=args.train_objects, test_objects=args.test_objects,
                             train_exists=args.train_exists, train_describe=args.train_describe,
-                            progress=not args.quiet)
+                            layout=args.layout, progress=not args.quiet)
     except ValueError as e:
         parser.error(str(e))  # usage + "error: ..." on stderr, exit status 2
     print(f"wrote {manifest['questions']['train']} train and {manifest['questions']['test']} test questions "
