@@ -203,7 +203,7 @@ def selection_coverage(run_dir, ground_truth: Mapping[str, dict], batch_size: in
     token on a patch the box touches; `on_target`, the share of kept tokens on such patches; `chance_hit`, the hit
     rate of K patches drawn uniformly without replacement (exact, averaged over the same questions); `by_question`,
     the `question_dependence` of the kept sets. None for a projector whose tokens are not single patches (pool,
-    mlp) or when no question has a box."""
+    mlp), for a run that keeps every token, or when no question has a box."""
     import io
 
     import jax
@@ -217,12 +217,14 @@ def selection_coverage(run_dir, ground_truth: Mapping[str, dict], batch_size: in
     model = inference.load_model(None, str(run_dir))
     if model.model_cfg.projector not in PATCH_SELECTING:
         return None
+    vision, keep = model.model_cfg.vision, model.model_cfg.selection.keep
+    if keep == vision.num_patches:  # every token kept: nothing selected
+        return None
     source = model.run.source(model.config.data.eval, run_dir)
     records = [source[i] for i in range(len(source))]
     records = [r for r in records if "bbox" in ground_truth.get(str(r["id"]), {}) and r.get("image_bytes")]
     if not records:
         return None
-    vision, keep = model.model_cfg.vision, model.model_cfg.selection.keep
     n = vision.num_patches
 
     @jax.jit
@@ -325,7 +327,8 @@ def run_study(config: ml_collections.ConfigDict, workdir, variants: list[str], k
         for row in out:
             if "exact_match" in row:
                 row["by_type"] = accuracy_by_type(workdir / row["name"], ground_truth)
-                if boxes and VARIANTS[row["variant"]]["projector"] in PATCH_SELECTING:  # no checkpoint read else
+                selects = VARIANTS[row["variant"]]["projector"] in PATCH_SELECTING and row["keep"] < row["tokens_total"]
+                if boxes and selects:  # no checkpoint read else
                     coverage = selection_coverage(workdir / row["name"], ground_truth, config.eval.batch_size)
                     if coverage is not None:
                         row["coverage"] = coverage

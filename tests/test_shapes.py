@@ -195,7 +195,8 @@ def test_free_layout_breaks_the_one_object_per_quadrant_prior():
                     (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a["bbox"], b["bbox"]
                     assert ax1 < bx0 or bx1 < ax0 or ay1 < by0 or by1 < ay0, (a, b)  # a pixel apart at least
         shared += len({o["position"] for o in objects.values()}) < len(objects)
-        straddling += sum(o["bbox"][0] < 32 < o["bbox"][2] or o["bbox"][1] < 32 < o["bbox"][3] for o in objects.values())
+        straddling += sum(o["bbox"][0] < 32 < o["bbox"][2] or o["bbox"][1] < 32 < o["bbox"][3]
+                          for o in objects.values())
     assert shared >= 3 and straddling >= 200  # of 200 images, 800 objects (5 and 260 with this seed)
     with pytest.raises(ValueError, match="layout"):
         shapes.make_split("test", 1, seed=5, layout="grid")
