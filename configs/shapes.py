@@ -9,9 +9,10 @@ Each 64×64 test image holds four objects (one per quadrant, four shapes, four o
 names one of them ("What colour is the triangle?", "Where is the red object?"), so which visual tokens matter
 depends on the question, unlike easy-vqa's one-shape images. Training images hold 1 to 4 objects and also get one
 yes/no existence question each (see meteor_jax/data/shapes.py). The config argument is the dataset directory
-(default /tmp/meteor_shapes_v2). If it holds no dataset yet (no dataset.json), loading this config generates one there
-first: 10,000 training images (60,000 questions and descriptions) and 1,000 test images (4,000 questions), seed 0,
-in about 10 s (`python -m meteor_jax.data.shapes --out DIR --train 10000 --test 1000 --seed 0 --train_describe 2`
+(default /tmp/meteor_shapes_v2), or `free[:DIR]` for the same objects placed anywhere without overlapping (`--layout
+free`; default /tmp/meteor_shapes_free), where 2×2 pooling no longer gets one object per token. If the directory
+holds no dataset yet (no dataset.json), loading this config generates one there first: 10,000 training images
+(60,000 questions and descriptions) and 1,000 test images (4,000 questions), seed 0, in about 10 s (`python -m meteor_jax.data.shapes --out DIR --train 10000 --test 1000 --seed 0 --train_describe 2`
 writes the same files). A dataset made with other arguments in DIR is an error, never silently used.
 
 The recipe (chosen on the test split's accuracy by type, one run each; README, Results): the demo's conv-stem ViT
@@ -22,9 +23,13 @@ question), a four-layer width-64 decoder, a word-level vocabulary trained on the
 shape." caption per training image (the objects in shape order, `train_describe=2`), which teaches finding an object
 by its shape. 5000 steps at lr 1e-3: 0.9785 exact match (seed 0) and 0.99625 (`--config.seed=1`). Seed 0 takes
 851 s alone on 2 CPU cores with the entry points' huge-page restart (meteor_jax/cli.py) and every training record's
-features cached after the first epoch (data.feature_cache; 934 s without it, the same final loss). Smaller K:
-`--config.model.selection.keep=16` (max_len follows: set `--config.data.max_len=` K + 32), or evaluate one
-checkpoint at several K with `python -m meteor_jax.evaluate ... --keep 8,16,32,64` (test_questions.jsonl etc.).
+features cached after the first epoch (data.feature_cache; 934 s without it, the same final loss).
+
+Meteor at K < 64 does not learn its selection from scratch here (README, Results). Train it with all tokens first
+(`--config.model.projector=meteor`, keep 64), then at K from that checkpoint with the selection learnt by sampling:
+`--config.model.selection.keep=4 --config.data.max_len=36 --config.model.selection.estimator=reinforce
+--config.train.num_steps=2000 --config.init.checkpoint=STAGE1/checkpoints "--config.init.modules=('vision','fusion',
+'llm')"` (`python -m meteor_jax.study` sets max_len for each K).
 """
 from configs import common
 from meteor_jax.data import shapes
