@@ -12,8 +12,9 @@ yes/no existence question each (see meteor_jax/data/shapes.py). The config argum
 (default /tmp/meteor_shapes_v2), or `free[:DIR]` for the same objects placed anywhere without overlapping (`--layout
 free`; default /tmp/meteor_shapes_free), where 2×2 pooling no longer gets one object per token. If the directory
 holds no dataset yet (no dataset.json), loading this config generates one there first: 10,000 training images
-(60,000 questions and descriptions) and 1,000 test images (4,000 questions), seed 0, in about 10 s (`python -m meteor_jax.data.shapes --out DIR --train 10000 --test 1000 --seed 0 --train_describe 2`
-writes the same files). A dataset made with other arguments in DIR is an error, never silently used.
+(60,000 questions and descriptions) and 1,000 test images (4,000 questions), seed 0, in about 10 s (`python -m
+meteor_jax.data.shapes --out DIR --train 10000 --test 1000 --seed 0 --train_describe 2 [--layout free]` writes the
+same files). A dataset made with other arguments in DIR is an error, never silently used.
 
 The recipe (chosen on the test split's accuracy by type, one run each; README, Results): the demo's conv-stem ViT
 widened to 64, LLaVA-1.5's MLP projector on all 64 visual tokens (selection.keep=64 = N: no selection, the baseline
