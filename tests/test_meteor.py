@@ -108,6 +108,9 @@ def test_reinforce_training_loss_adds_the_score_function_term_only():
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5), got, want)
     term = jax.grad(lambda p: jnp.sum(advantage * sampled(p).log_prob))(params)
     assert float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(term))) > 0
+    every = tiny_model(estimator="reinforce", keep=16)  # keep = N: nothing to draw, the plain loss
+    batch16 = tiny_batch(every.cfg)
+    np.testing.assert_array_equal(np.asarray(every.loss(batch16, train=True)[0]), np.asarray(every.loss(batch16)[0]))
 
 
 def test_next_token_loss_hand_case():

@@ -141,7 +141,9 @@ class Meteor(nnx.Module):
         the sample's summed NLL: the scores learn which draws lowered the loss, dropped tokens included. The
         returned value is the plain NLL (the term is added as t - stop_gradient(t)).
         """
-        sample = train and self.cfg.projector == "meteor" and self.cfg.selection.estimator == "reinforce"
+        cfg = self.cfg
+        sample = (train and cfg.projector == "meteor" and cfg.selection.estimator == "reinforce"
+                  and cfg.selection.keep < cfg.vision.num_patches)  # keep = N: nothing to draw
         if not sample:
             return next_token_loss(self(batch), batch["labels"])
         selected = self.visual_tokens(batch["pixels"], batch["instruction"], batch["instruction_mask"], sample=True)

@@ -12,7 +12,9 @@ straight-through gradient. `gate` scales each kept token by 1 + g − sg(g) (g i
 kept tokens' scores get a gradient, and only through the tokens' scale, which the decoder's pre-norm largely hides.
 `soft` adds m − sg(m) to every kept token, m the score-weighted mean of all N (stop-gradient) tokens: every
 token's score, kept or dropped, gets ⟨Σ_k ∂L/∂kept_k, token⟩, the first-order gain of moving the kept tokens
-toward that token.
+toward that token. `reinforce` keeps the gate and, in training, draws the K tokens from the aggregate score as a
+distribution (Gumbel top-K, `noise`); the model's loss adds the score-function term (models/meteor.py), which
+rewards the draws that lowered the loss whichever tokens they held. Evaluation always keeps the top K.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ class SelectionConfig:
     # gate: kept tokens scaled by their score | soft: + the score-weighted mean of all tokens | reinforce: gate, and
     # in training the K tokens are sampled from the scores and the loss adds a score-function term (models/meteor.py)
     estimator: str = "gate"
-    seed: int = 0  # model.projector="random": the seed of the per-image draw (models/projectors.py)
+    seed: int = 0  # the seed of the per-image draw of model.projector="random" and of estimator="reinforce"
 
     def __post_init__(self):
         if self.aggregate not in AGGREGATES:
