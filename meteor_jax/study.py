@@ -202,11 +202,13 @@ def selection_coverage(run_dir, ground_truth: Mapping[str, dict], batch_size: in
     `bbox` ([x0, y0, x1, y1) in the original image's pixels): `hit`, the share of questions with at least one kept
     token on a patch the box touches; `on_target`, the share of kept tokens on such patches; `chance_hit`, the hit
     rate of K patches drawn uniformly without replacement (exact, averaged over the same questions); `by_question`,
-    the `question_dependence` of the kept sets. None for a projector whose tokens are not single patches (pool,
+    the `question_dependence` of the kept sets; `visual_entropy` / `native_entropy`, the mean entropy (nats) of each
+    expert's score over the N tokens, against `uniform_entropy` = log N (an expert at log N ranks nothing). None for a projector whose tokens are not single patches (pool,
     mlp), for a run that keeps every token, or when no question has a box."""
     import io
 
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
     from PIL import Image
@@ -228,13 +230,18 @@ def selection_coverage(run_dir, ground_truth: Mapping[str, dict], batch_size: in
     n = vision.num_patches
 
     @jax.jit
-    def kept_indices(params, batch):
+    def kept_indices_and_entropies(params, batch):
         with sharding.logical_rules(model.rules):
-            return nnx.merge(model.graphdef, params).visual_tokens(
-                batch["pixels"], batch["instruction"], batch["instruction_mask"]).indices
+            selected = nnx.merge(model.graphdef, params).visual_tokens(
+                batch["pixels"], batch["instruction"], batch["instruction_mask"])
+
+        def entropy(p):  # nats, of each row's distribution over the N tokens
+            return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+
+        return selected.indices, entropy(selected.visual_score), entropy(selected.native_score)
 
     rows = model.round_batch(batch_size)
-    hits, on_target, chance = [], [], []
+    hits, on_target, chance, entropies = [], [], [], []
     kept_by_image: dict[bytes, list[tuple[int, ...]]] = {}
     for start in range(0, len(records), rows):
         chunk = records[start:start + rows]
@@ -243,7 +250,9 @@ def selection_coverage(run_dir, ground_truth: Mapping[str, dict], batch_size: in
         batch = sharding.global_batch({k: np.stack([f[k] for f in features]) for k in ("pixels", "instruction",
                                                                                          "instruction_mask")},
                                       model.mesh, model.rules, rows)
-        indices = np.asarray(jax.device_get(kept_indices(model.params, batch)))[:len(chunk)]
+        indices, visual, native = (np.asarray(x)[:len(chunk)]
+                                   for x in jax.device_get(kept_indices_and_entropies(model.params, batch)))
+        entropies += zip(visual, native)
         for record, kept in zip(chunk, indices):
             width, height = Image.open(io.BytesIO(record["image_bytes"])).size  # the header only
             target = set(box_patches(ground_truth[str(record["id"])]["bbox"], width, height, vision.image_size,
@@ -253,8 +262,10 @@ def selection_coverage(run_dir, ground_truth: Mapping[str, dict], batch_size: in
             hits.append(count > 0)
             on_target.append(count / keep)
             chance.append(1 - math.comb(n - len(target), keep) / math.comb(n, keep))
+    visual, native = np.mean(entropies, axis=0)
     return dict(questions=len(hits), hit=float(np.mean(hits)), on_target=float(np.mean(on_target)),
-                chance_hit=float(np.mean(chance)), by_question=question_dependence(kept_by_image.values()))
+                chance_hit=float(np.mean(chance)), by_question=question_dependence(kept_by_image.values()),
+                visual_entropy=float(visual), native_entropy=float(native), uniform_entropy=math.log(n))
 
 
 def question_dependence(kept_sets_per_image) -> float | None:

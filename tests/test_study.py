@@ -154,7 +154,13 @@ def test_selection_coverage_end_to_end(tmp_path, easy_vqa_data_dir):
                            ground_truth=dict(truth([0, 0, 64, 64]), extra=dict(question_id="extra", answer="x")))
     random_row, mlp_row = rows
     # by_question 0: the random draw hashes the image only, so every question about an image keeps the same set.
-    assert random_row["coverage"] == dict(questions=200, hit=1.0, on_target=1.0, chance_hit=1.0, by_question=0.0)
+    coverage = dict(random_row["coverage"])
+    entropies = {k: coverage.pop(k) for k in ("visual_entropy", "native_entropy", "uniform_entropy")}
+    assert coverage == dict(questions=200, hit=1.0, on_target=1.0, chance_hit=1.0, by_question=0.0)
+    # random has no native expert (its score is uniform: log 16 nats); the [CLS] attention is a distribution
+    assert entropies["uniform_entropy"] == pytest.approx(np.log(16))
+    assert entropies["native_entropy"] == pytest.approx(np.log(16), rel=1e-5)
+    assert 0 < entropies["visual_entropy"] <= np.log(16) + 1e-5
     assert "coverage" not in mlp_row  # all tokens kept: nothing to measure
     table = (workdir / "study.md").read_text()
     assert "| kept token on the asked object (chance) | kept set changes with the question |" in table
