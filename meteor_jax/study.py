@@ -203,8 +203,9 @@ def selection_coverage(run_dir, ground_truth: Mapping[str, dict], batch_size: in
     token on a patch the box touches; `on_target`, the share of kept tokens on such patches; `chance_hit`, the hit
     rate of K patches drawn uniformly without replacement (exact, averaged over the same questions); `by_question`,
     the `question_dependence` of the kept sets; `visual_entropy` / `native_entropy`, the mean entropy (nats) of each
-    expert's score over the N tokens, against `uniform_entropy` = log N (an expert at log N ranks nothing). None for a projector whose tokens are not single patches (pool,
-    mlp), for a run that keeps every token, or when no question has a box."""
+    expert's score over the N tokens, against `uniform_entropy` = log N (an expert at log N ranks nothing). None for
+    a projector whose tokens are not single patches (pool, mlp), for a run that keeps every token, or when no
+    question has a box."""
     import io
 
     import jax
