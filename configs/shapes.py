@@ -47,8 +47,9 @@ TEXT_LEN = 32
 
 def get_config(arg: str | None = None):
     layout, data_dir = "quadrants", arg or DEFAULT_DIR
-    if arg and arg.partition(":")[0] == "free":
-        layout, data_dir = "free", arg.partition(":")[2] or FREE_DIR
+    head, _, rest = (arg or "").partition(":")
+    if head == "free":
+        layout, data_dir = "free", rest or FREE_DIR
     shapes.ensure_dataset(data_dir, num_train=NUM_TRAIN, num_test=NUM_TEST, seed=SEED, image_size=64,
                           train_describe=DESCRIBE, layout=layout)
     config = common.base_config(common.model_config(

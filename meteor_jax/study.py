@@ -23,6 +23,7 @@ eval prompts (what generation does before its first new token), median of repeat
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import statistics
@@ -221,14 +222,14 @@ def selection_coverage(run_dir, ground_truth: Mapping[str, dict], batch_size: in
     if model.model_cfg.projector not in PATCH_SELECTING:
         return None
     vision, keep = model.model_cfg.vision, model.model_cfg.selection.keep
-    if keep == vision.num_patches:  # every token kept: nothing selected
+    n = vision.num_patches
+    if keep == n:  # every token kept: nothing selected
         return None
     source = model.run.source(model.config.data.eval, run_dir)
     records = [source[i] for i in range(len(source))]
     records = [r for r in records if "bbox" in ground_truth.get(str(r["id"]), {}) and r.get("image_bytes")]
     if not records:
         return None
-    n = vision.num_patches
 
     @jax.jit
     def kept_indices_and_entropies(params, batch):
@@ -236,8 +237,8 @@ def selection_coverage(run_dir, ground_truth: Mapping[str, dict], batch_size: in
             selected = nnx.merge(model.graphdef, params).visual_tokens(
                 batch["pixels"], batch["instruction"], batch["instruction_mask"])
 
-        def entropy(p):  # nats, of each row's distribution over the N tokens
-            return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+        def entropy(p):  # nats, of each row's distribution over the N tokens (entr(0) = 0)
+            return jnp.sum(jax.scipy.special.entr(p), axis=-1)
 
         return selected.indices, entropy(selected.visual_score), entropy(selected.native_score)
 
@@ -273,14 +274,8 @@ def question_dependence(kept_sets_per_image) -> float | None:
     """Of all pairs of questions about the same image, the share whose kept token sets differ: 0 when the selection
     ignores the question (as `random` and `cls_prune` do), 1 when every question keeps its own set. None when no
     image has two questions."""
-    pairs = differ = 0
-    for kept in kept_sets_per_image:
-        sets = [frozenset(k) for k in kept]
-        for i in range(len(sets)):
-            for j in range(i + 1, len(sets)):
-                pairs += 1
-                differ += sets[i] != sets[j]
-    return differ / pairs if pairs else None
+    differ = [a != b for kept in kept_sets_per_image for a, b in itertools.combinations(map(frozenset, kept), 2)]
+    return sum(differ) / len(differ) if differ else None
 
 
 def run_study(config: ml_collections.ConfigDict, workdir, variants: list[str], keeps: list[int], *,

@@ -156,8 +156,6 @@ def make_image(rng: np.random.Generator, image_size: int = 64, num_objects: int 
         raise ValueError(f"num_objects must be in [1, {len(POSITIONS)}], got {num_objects}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if layout == "free":
-        return _make_free_image(rng, image_size, num_objects)
     cell = image_size // 2
     bg = int(rng.integers(BACKGROUND[0], BACKGROUND[1] + 1))
     image = Image.new("RGB", (image_size, image_size), (bg, bg, bg))
@@ -165,34 +163,48 @@ def make_image(rng: np.random.Generator, image_size: int = 64, num_objects: int 
     shapes = rng.permutation(len(SHAPES))
     names = list(COLOURS)
     colours = rng.choice(len(names), size=len(POSITIONS), replace=False)
+    margin = max(cell // 16, 1)
+
+    def paint(k: int, box: tuple[int, int, int, int], position: str) -> Obj:
+        """Object k (its shape and colour of this image) drawn in `box` [x0, y0, x1, y1), its colour jittered."""
+        base = np.array(COLOURS[names[colours[k]]])
+        rgb = tuple(int(c) for c in np.clip(base + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255))
+        x0, y0, x1, y1 = box
+        _draw(draw, SHAPES[shapes[k]], (x0, y0, x1 - 1, y1 - 1), rgb)
+        return Obj(SHAPES[shapes[k]], names[colours[k]], position, box, rgb)
+
+    if layout == "free":
+        boxes = _free_boxes(rng, image_size, num_objects, margin)
+        objects = [paint(k, box, POSITIONS[_quadrant_of(box, cell)]) for k, box in enumerate(boxes)]
+        return image, sorted(objects, key=lambda o: (POSITIONS.index(o.position), o.bbox[1], o.bbox[0]))
     occupied = np.sort(rng.choice(len(POSITIONS), size=num_objects, replace=False))
     objects = []
-    margin = max(cell // 16, 1)
     for k in map(int, occupied):
-        position = POSITIONS[k]
-        size = int(rng.integers(int(cell * 0.55), int(cell * 0.8) + 1))
+        size = _object_size(rng, cell)
         room = cell - 2 * margin - size  # free pixels left in the cell
         ox = (k % 2) * cell + margin + int(rng.integers(0, room + 1))
         oy = (k // 2) * cell + margin + int(rng.integers(0, room + 1))
-        base = np.array(COLOURS[names[colours[k]]])
-        rgb = tuple(int(c) for c in np.clip(base + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255))
-        shape = SHAPES[shapes[k]]
-        _draw(draw, shape, (ox, oy, ox + size - 1, oy + size - 1), rgb)
-        objects.append(Obj(shape, names[colours[k]], position, (ox, oy, ox + size, oy + size), rgb))
+        objects.append(paint(k, (ox, oy, ox + size, oy + size), POSITIONS[k]))
     return image, objects
 
 
-def _make_free_image(rng: np.random.Generator, image_size: int, num_objects: int) -> tuple[Image.Image, list[Obj]]:
-    cell = image_size // 2
-    bg = int(rng.integers(BACKGROUND[0], BACKGROUND[1] + 1))
-    shapes = rng.permutation(len(SHAPES))
-    names = list(COLOURS)
-    colours = rng.choice(len(names), size=len(POSITIONS), replace=False)
-    margin = max(cell // 16, 1)
-    while True:  # rejection sampling: each object's box at least a pixel away from those placed before it
+def _object_size(rng: np.random.Generator, cell: int) -> int:
+    return int(rng.integers(int(cell * 0.55), int(cell * 0.8) + 1))
+
+
+def _quadrant_of(box: tuple[int, int, int, int], cell: int) -> int:
+    """The quadrant (POSITIONS index) holding the centre of box [x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = box
+    return 2 * int((y0 + y1) / 2 >= cell) + int((x0 + x1) / 2 >= cell)
+
+
+def _free_boxes(rng: np.random.Generator, image_size: int, num_objects: int,
+                margin: int) -> list[tuple[int, int, int, int]]:
+    """Rejection sampling: each object's box at least a pixel away from those placed before it."""
+    while True:
         boxes = []
         for _ in range(num_objects):
-            size = int(rng.integers(int(cell * 0.55), int(cell * 0.8) + 1))
+            size = _object_size(rng, image_size // 2)
             for _ in range(_FREE_TRIES):
                 x, y = (int(v) for v in rng.integers(margin, image_size - margin - size + 1, 2))
                 if all(x + size < bx0 or bx1 < x or y + size < by0 or by1 < y for bx0, by0, bx1, by1 in boxes):
@@ -201,18 +213,7 @@ def _make_free_image(rng: np.random.Generator, image_size: int, num_objects: int
             else:
                 break
         if len(boxes) == num_objects:
-            break
-    image = Image.new("RGB", (image_size, image_size), (bg, bg, bg))
-    draw = ImageDraw.Draw(image)
-    objects = []
-    for k, (x0, y0, x1, y1) in enumerate(boxes):
-        quadrant = 2 * int((y0 + y1) / 2 >= cell) + int((x0 + x1) / 2 >= cell)
-        base = np.array(COLOURS[names[colours[k]]])
-        rgb = tuple(int(c) for c in np.clip(base + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, 3), 0, 255))
-        _draw(draw, SHAPES[shapes[k]], (x0, y0, x1 - 1, y1 - 1), rgb)
-        objects.append((quadrant, y0, x0, Obj(SHAPES[shapes[k]], names[colours[k]], POSITIONS[quadrant],
-                                              (x0, y0, x1, y1), rgb)))
-    return image, [obj for *_, obj in sorted(objects, key=lambda o: o[:3])]
+            return boxes
 
 
 def _png(image: Image.Image) -> bytes:
