@@ -278,16 +278,16 @@ def test_ensure_dataset_reuses_a_complete_dataset_and_refuses_another(dataset, t
     del manifest["args"]["train_describe"]
     (dataset / "dataset.json").write_text(json.dumps(manifest))
     shapes.ensure_dataset(dataset, num_train=40, num_test=10, seed=3)
-    with pytest.raises(ValueError, match="made with"):
+    with pytest.raises(ValueError, match="made by .* with"):
         shapes.ensure_dataset(dataset, num_train=40, num_test=10, seed=3, train_describe=1)
     assert os.stat(dataset / "train.json").st_mtime_ns == before
-    with pytest.raises(ValueError, match="made with .*num_train.: 40"):
+    with pytest.raises(ValueError, match="made by .* with .*num_train.: 40"):
         shapes.ensure_dataset(dataset, num_train=40, num_test=10, seed=4)
     # a dataset written before layouts existed (no layout in its manifest) is a quadrants one
     del manifest["args"]["layout"]
     (dataset / "dataset.json").write_text(json.dumps(manifest))
     shapes.ensure_dataset(dataset, num_train=40, num_test=10, seed=3)
-    with pytest.raises(ValueError, match="made with .*'layout': 'quadrants'"):
+    with pytest.raises(ValueError, match="made by .* with .*'layout': 'quadrants'"):
         shapes.ensure_dataset(dataset, num_train=40, num_test=10, seed=3, layout="free")
     # an incomplete directory (no dataset.json) is regenerated
     (tmp_path / "partial").mkdir()
@@ -323,12 +323,12 @@ def test_config_generates_its_dataset_and_every_sample_fits(tmp_path, monkeypatc
         features = make_features(r, tokenizer, spec, image=image)
         assert not features["truncated"], r["id"]
         assert len(tokenizer.encode(instruction_text(r["conversations"]))) <= spec.instruction_len
-    with pytest.raises(ValueError, match="holds a shapes dataset made with .*'layout': 'quadrants'"):
+    with pytest.raises(ValueError, match="made by meteor_jax.data.shapes with .*'layout': 'quadrants'"):
         shapes_config.get_config(f"free:{tmp_path}/data")
     free = shapes_config.get_config(f"free:{tmp_path}/free")  # the free layout: its own directory
     assert free.data.train == f"llava_json:{tmp_path}/free/train.json"
     assert json.loads((tmp_path / "free" / "dataset.json").read_text())["args"]["layout"] == "free"
-    with pytest.raises(ValueError, match="holds a shapes dataset made with"):
+    with pytest.raises(ValueError, match="holds a dataset made by meteor_jax.data.shapes with"):
         monkeypatch.setattr(shapes_config, "NUM_TRAIN", 31)
         shapes_config.get_config(str(tmp_path / "data"))
 

@@ -55,7 +55,7 @@ import shutil
 import sys
 import tempfile
 from collections import Counter, defaultdict
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -216,7 +216,7 @@ def _free_boxes(rng: np.random.Generator, image_size: int, num_objects: int,
             return boxes
 
 
-def _png(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=6)  # fixed settings: the same image gives the same bytes
     return buf.getvalue()
@@ -256,7 +256,7 @@ def make_split(split: str, num_images: int, seed: int, image_size: int = 64, que
         num_objects = objects[int(rng.integers(len(objects)))] if len(objects) > 1 else objects[0]
         image, drawn = make_image(rng, image_size, num_objects, layout)
         name = f"{split}_{i:06d}.png"
-        images[name] = _png(image)
+        images[name] = png_bytes(image)
         # Question q asks type q % 4 about an object not yet asked with that type (a fresh random order per type).
         orders = {t: rng.permutation(len(drawn)) for t in QUESTION_TYPES}
         asked = []
@@ -388,39 +388,50 @@ def generate(out: str | os.PathLike, *, num_train: int, num_test: int, seed: int
     check_args(num_train=num_train, num_test=num_test, seed=seed, image_size=image_size,
                questions_per_image=questions_per_image, train_objects=train_objects, test_objects=test_objects,
                train_exists=train_exists, train_describe=train_describe, layout=layout)
+    splits = {split: make_split(split, n, seed, image_size, questions_per_image, objects, exists, describe,
+                                progress=progress, layout=layout)
+              for split, n, objects, exists, describe in (
+                  ("train", num_train, train_objects, train_exists, train_describe),
+                  ("test", num_test, test_objects, 0, 0))}
+    return write_dataset(out, splits, dict(
+        generator="meteor_jax.data.shapes", version=VERSION,
+        args=_args(num_train, num_test, seed, image_size, questions_per_image, train_objects, test_objects,
+                   train_exists, train_describe, layout)))
+
+
+def write_dataset(out: str | os.PathLike, splits: Mapping[str, tuple[dict[str, bytes], list[dict]]],
+                  manifest: dict) -> dict:
+    """Write the "train" and "test" splits ({split: (PNG bytes by name, LLaVA records)}, records with a
+    question_type and a target dict) under `out` with the question and ground-truth files and `manifest` (plus the
+    counts, the text prior and the answer distributions) as dataset.json; returns the whole manifest.
+
+    Files are written into a temporary folder next to `out` and moved in at the end, and dataset.json comes last,
+    so an interrupted run never leaves a dataset that looks complete. An existing dataset in `out` is replaced."""
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} exists and is not a directory")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".shapes-", dir=os.path.dirname(out))
+    tmp = tempfile.mkdtemp(prefix=".dataset-", dir=os.path.dirname(out))
     try:
         os.makedirs(os.path.join(tmp, "images"))
-        splits = {}
-        for split, n, objects, exists, describe in (
-                ("train", num_train, train_objects, train_exists, train_describe),
-                ("test", num_test, test_objects, 0, 0)):
-            images, records = make_split(split, n, seed, image_size, questions_per_image, objects, exists,
-                                         describe, progress=progress, layout=layout)
+        for split, (images, records) in splits.items():
             for name, data in images.items():
                 with open(os.path.join(tmp, "images", name), "wb") as f:
                     f.write(data)
             with open(os.path.join(tmp, f"{split}.json"), "w") as f:
                 json.dump(records, f, separators=(",", ":"))
-            splits[split] = records
-        test = splits["test"]
+        train, test = splits["train"][1], splits["test"][1]
         _write_jsonl(os.path.join(tmp, "test_questions.jsonl"),
                      (dict(question_id=r["id"], image=r["image"], text=question_text(r)) for r in test))
         _write_jsonl(os.path.join(tmp, "test_ground_truth.jsonl"),
                      (dict(question_id=r["id"], answer=answer_text(r), question_type=r["question_type"], **r["target"])
                       for r in test))
         manifest = dict(
-            generator="meteor_jax.data.shapes", version=VERSION,
-            args=_args(num_train, num_test, seed, image_size, questions_per_image, train_objects, test_objects,
-                       train_exists, train_describe, layout),
-            images=dict(train=num_train, test=num_test),
-            questions=dict(train=len(splits["train"]), test=len(test)),
-            text_prior_accuracy=text_prior_accuracy(splits["train"], test),
-            train_answer_distribution=answer_distribution(splits["train"]),
+            manifest,
+            images=dict(train=len(splits["train"][0]), test=len(splits["test"][0])),
+            questions=dict(train=len(train), test=len(test)),
+            text_prior_accuracy=text_prior_accuracy(train, test),
+            train_answer_distribution=answer_distribution(train),
             test_answer_distribution=answer_distribution(test))
         for name in os.listdir(tmp):  # replace what an earlier dataset in `out` had under the same names
             target = os.path.join(out, name)
@@ -458,22 +469,41 @@ def ensure_dataset(out: str | os.PathLike, *, num_train: int, num_test: int, see
     with other arguments is an error (never silently replaced or used)."""
     wanted = _args(num_train, num_test, seed, image_size, questions_per_image, train_objects, test_objects,
                    train_exists, train_describe, layout)
+    # A dataset written before descriptions existed has none (the same files as train_describe=0), and one
+    # written before free layouts is a quadrants one.
+    manifest = existing_manifest(out, "meteor_jax.data.shapes", VERSION, wanted,
+                                 defaults=dict(train_describe=0, layout="quadrants"))
+    return manifest or generate(out, progress=progress, **wanted)
+
+
+def existing_manifest(out: str | os.PathLike, generator: str, version: int, wanted: dict,
+                      defaults: Mapping | None = None) -> dict | None:
+    """The manifest of the complete dataset in `out` (None if it has no dataset.json). One made by another generator,
+    version or arguments (`defaults` fills arguments older manifests lack) is an error, never silently used."""
     manifest_path = os.path.join(os.fspath(out), "dataset.json")
-    if os.path.isfile(manifest_path):
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        # A dataset written before descriptions existed has none: the same files as train_describe=0.
-        manifest.get("args", {}).setdefault("train_describe", 0)
-        manifest.get("args", {}).setdefault("layout", "quadrants")  # and before free layouts: quadrants
-        if manifest.get("version") != VERSION or manifest.get("args") != wanted:
-            raise ValueError(f"{out} holds a shapes dataset made with {manifest.get('args')} (version "
-                             f"{manifest.get('version')}), not {wanted} (version {VERSION}): use another "
-                             f"directory, or regenerate it with python -m meteor_jax.data.shapes --out {out} ...")
-        return manifest
-    return generate(out, progress=progress, **wanted)
+    if not os.path.isfile(manifest_path):
+        return None
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    args = manifest.get("args", {})
+    for key, value in (defaults or {}).items():
+        args.setdefault(key, value)
+    made_by = manifest.get("generator", generator)
+    if made_by != generator or manifest.get("version") != version or args != wanted:
+        raise ValueError(f"{out} holds a dataset made by {made_by} with {manifest.get('args')} (version "
+                         f"{manifest.get('version')}), not {wanted} (version {version}): use another "
+                         f"directory, or regenerate it with python -m {generator} --out {out} ...")
+    return manifest
 
 
-def _counts(text: str) -> tuple[int, ...]:
+def summary(manifest: dict, out: str | os.PathLike) -> str:
+    """The generator CLIs' last line: what was written where, and the text-only prior."""
+    return (f"wrote {manifest['questions']['train']} train and {manifest['questions']['test']} test questions "
+            f"({manifest['images']['train']} + {manifest['images']['test']} images) to {os.path.abspath(out)}; "
+            f"text-only prior accuracy on test: {manifest['text_prior_accuracy']['all']:.3f}")
+
+
+def parse_counts(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(n) for n in text.split(","))
     except ValueError:
@@ -490,10 +520,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image_size", type=int, default=64, help="image side in pixels (even, >= 32)")
     parser.add_argument("--questions_per_image", type=int, default=4,
                         help=f"questions per image, 1..{MAX_QUESTIONS_PER_IMAGE} (cycling through the 4 types)")
-    parser.add_argument("--train_objects", type=_counts, default=TRAIN_OBJECTS,
+    parser.add_argument("--train_objects", type=parse_counts, default=TRAIN_OBJECTS,
                         help="object counts of training images, drawn uniformly per image (comma-separated, each "
                              f"1..4; default {','.join(map(str, TRAIN_OBJECTS))})")
-    parser.add_argument("--test_objects", type=_counts, default=TEST_OBJECTS,
+    parser.add_argument("--test_objects", type=parse_counts, default=TEST_OBJECTS,
                         help=f"object counts of test images (default {','.join(map(str, TEST_OBJECTS))})")
     parser.add_argument("--train_exists", type=int, default=TRAIN_EXISTS,
                         help=f"yes/no existence questions per training image (default {TRAIN_EXISTS}; test: none)")
@@ -513,9 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             layout=args.layout, progress=not args.quiet)
     except ValueError as e:
         parser.error(str(e))  # usage + "error: ..." on stderr, exit status 2
-    print(f"wrote {manifest['questions']['train']} train and {manifest['questions']['test']} test questions "
-          f"({manifest['images']['train']} + {manifest['images']['test']} images) to {os.path.abspath(args.out)}; "
-          f"text-only prior accuracy on test: {manifest['text_prior_accuracy']['all']:.3f}")
+    print(summary(manifest, args.out))
     return 0
 
 
