@@ -46,7 +46,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cls_prune": dict(projector="cls_prune"),  # the K patches the [CLS] token attends to most (FasterVLM style)
     "random": dict(projector="random"),  # K random patches per image
     "meteor-visual": dict(projector="meteor", selection=dict(aggregate="visual")),  # the visual expert only
-    "meteor-native": dict(projector="meteor", selection=dict(aggregate="native")),  # the [CLS]-attention expert only
+    "meteor-native": dict(projector="meteor", selection=dict(aggregate="native")),  # the instruction expert only
     "meteor-noinstr": dict(projector="meteor", fusion=dict(use_instruction=False)),  # no instruction in the fusion
     "meteor-nolocal": dict(projector="meteor", fusion=dict(local_kernel=0)),  # no local step before the scan
     "meteor-unidir": dict(projector="meteor", fusion=dict(bidirectional=False)),  # one scan direction

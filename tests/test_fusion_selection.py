@@ -236,6 +236,8 @@ def test_bad_selection_config_is_rejected():
         SelectionConfig(aggregate="max")
     with pytest.raises(ValueError, match="estimator"):
         SelectionConfig(estimator="gumbel")
+    with pytest.raises(ValueError, match=r"selection.baseline='mean'; expected one of \('batch', 'greedy'\)"):
+        SelectionConfig(estimator="reinforce", baseline="mean")
     fused, cls, text, mask = _selection_inputs()
     with pytest.raises(ValueError, match="exceeds"):
         select(fused, cls, text, mask, SelectionConfig(keep=17))

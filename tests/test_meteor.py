@@ -23,8 +23,8 @@ def tiny_model(seed=0, **selection):
     return Meteor(config_from_dict(cfg.model), rngs=nnx.Rngs(seed))
 
 
-def tiny_batch(cfg, batch=4, seed=0, left_pad=False):
-    """Sample b: [bos, 4 image slots, question tokens..., padding]; K = cfg.selection.keep slots."""
+def tiny_batch(cfg, batch=4, seed=0, left_pad=False, T=T):
+    """Sample b: [bos, K image slots, question tokens..., padding]; K = cfg.selection.keep slots."""
     rng = np.random.default_rng(seed)
     k = cfg.selection.keep
     tokens = rng.integers(3, cfg.llm.vocab_size, size=(batch, T)).astype(np.int32)
@@ -71,10 +71,12 @@ def test_image_slots_receive_selected_tokens_in_order():
     assert np.all(np.diff(np.asarray(selected.indices), axis=1) > 0)
 
 
-def test_reinforce_training_loss_adds_the_score_function_term_only():
+@pytest.mark.parametrize("baseline", ["batch", "greedy"])
+def test_reinforce_training_loss_adds_the_score_function_term_only(baseline):
     """estimator="reinforce": in training the K tokens are a draw, the value is the plain NLL of that draw, and the
-    gradient is the NLL's plus sum_b (NLL_b - mean NLL) grad log p(draw_b); evaluation keeps the top K."""
-    model = tiny_model(estimator="reinforce")
+    gradient is the NLL's plus sum_b (NLL_b - baseline_b) grad log p(draw_b), baseline_b the mean NLL (batch) or
+    sample b's NLL with the top K (greedy; each computed row by row here); evaluation keeps the top K."""
+    model = tiny_model(estimator="reinforce", baseline=baseline)
     batch = tiny_batch(model.cfg)
     graphdef, params = nnx.split(model, nnx.Param)
 
@@ -89,9 +91,13 @@ def test_reinforce_training_loss_adds_the_score_function_term_only():
     top = nnx.merge(graphdef, params).visual_tokens(batch["pixels"], batch["instruction"], batch["instruction_mask"])
     assert draw.log_prob is not None and top.log_prob is None
     assert not np.array_equal(np.asarray(draw.indices), np.asarray(top.indices))  # a draw, not the top K
-    per_sample = np.array([float(next_token_loss(nnx.merge(graphdef, params)(batch, draw)[b:b + 1],
-                                                 batch["labels"][b:b + 1])[0]) for b in range(4)])
-    advantage = jnp.asarray(per_sample - per_sample.mean(), jnp.float32)
+    def row_nll(selected):
+        return np.array([float(next_token_loss(nnx.merge(graphdef, params)(batch, selected)[b:b + 1],
+                                               batch["labels"][b:b + 1])[0]) for b in range(4)])
+
+    per_sample = row_nll(draw)
+    advantage = jnp.asarray(per_sample - (per_sample.mean() if baseline == "batch" else row_nll(top)), jnp.float32)
+    assert np.all(np.abs(np.asarray(advantage)) > 1e-4)  # no sample's draw is its top K here
 
     def train_loss(p):
         return nnx.merge(graphdef, p).loss(batch, train=True)[0]
@@ -111,6 +117,45 @@ def test_reinforce_training_loss_adds_the_score_function_term_only():
     every = tiny_model(estimator="reinforce", keep=16)  # keep = N: nothing to draw, the plain loss
     batch16 = tiny_batch(every.cfg)
     np.testing.assert_array_equal(np.asarray(every.loss(batch16, train=True)[0]), np.asarray(every.loss(batch16)[0]))
+
+
+@pytest.mark.parametrize("keep", [4, 16])
+def test_distill_trains_the_native_expert_toward_the_decoders_saliency(keep):
+    """selection.distill: the training loss's value is the plain NLL, and its gradient is the NLL's plus distill *
+    the gradient of sum_b CE(p_b, q_b), p_b the share of ||dNLL/dtoken_k||^2 of each token the decoder saw
+    (computed here by a separate jax.grad, as a constant) and q_b the native score renormalised over those tokens.
+    At keep = N (16 here) every token is a target."""
+    model = tiny_model(keep=keep, distill=0.5)
+    batch = tiny_batch(model.cfg, T=keep + 8)
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def selected_of(p):
+        return nnx.merge(graphdef, p).visual_tokens(batch["pixels"], batch["instruction"], batch["instruction_mask"])
+
+    def nll_of(p, selected):
+        return next_token_loss(nnx.merge(graphdef, p)(batch, selected), batch["labels"])[0]
+
+    selected = selected_of(params)
+    grad = jax.grad(lambda t: nll_of(params, selected._replace(tokens=t)))(selected.tokens)
+    energy = np.sum(np.asarray(grad, np.float64) ** 2, axis=-1)
+    target = jnp.asarray(energy / energy.sum(-1, keepdims=True), jnp.float32)
+    assert np.all(np.asarray(target).max(-1) < 1) and np.allclose(np.asarray(target).sum(-1), 1, atol=1e-6)
+
+    def expected(p):
+        s = selected_of(p)
+        q = jnp.take_along_axis(s.native_score, s.indices, axis=1)
+        q = q / jnp.sum(q, axis=-1, keepdims=True)
+        return nll_of(p, s) - 0.5 * jnp.sum(target * jnp.log(q))
+
+    def train_loss(p):
+        return nnx.merge(graphdef, p).loss(batch, train=True)[0]
+
+    np.testing.assert_allclose(float(train_loss(params)), float(nll_of(params, selected)), rtol=1e-6)
+    got, want = jax.grad(train_loss)(params), jax.grad(expected)(params)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5), got, want)
+    plain = jax.grad(lambda p: nll_of(p, selected_of(p)))(params)
+    moved = jax.tree.map(lambda g, w: float(jnp.abs(g - w).max()), got, plain)
+    assert max(jax.tree.leaves(moved)) > 1e-4  # the term does reach the parameters
 
 
 def test_next_token_loss_hand_case():

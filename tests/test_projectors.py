@@ -227,6 +227,38 @@ def test_grid_positions_add_the_kept_cells_row_and_column_embeddings(kind, keep)
     assert row.shape == column.shape == (g, cfg.llm.dim) and not np.allclose(row, column)
 
 
+@pytest.mark.parametrize("kind", ["meteor", "random"])
+def test_scored_grid_positions_are_added_before_meteor_selects(kind):
+    """model.visual_positions="grid_scored": Meteor's experts score fused + row + column of every cell (checked by
+    calling `select` on those sums by hand) and keep those sums; a baseline adds the table after its selection, as
+    with "grid" (the same tokens)."""
+    cfg = _tiny_model_config(kind, 4, visual_positions="grid_scored")
+    model = Meteor(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(5)
+    pixels = jnp.asarray(rng.normal(size=(2, cfg.vision.image_size, cfg.vision.image_size, 3)), jnp.float32)
+    instruction = jnp.asarray(rng.integers(1, cfg.llm.vocab_size, (2, 5)), jnp.int32)
+    instruction_mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    scored = model.visual_tokens(pixels, instruction, instruction_mask)
+    g = cfg.vision.grid
+    row, column = np.asarray(model.fusion.grid_position.row[...]), np.asarray(model.fusion.grid_position.column[...])
+    cells = np.arange(g * g)
+    table = row[cells // g] + column[cells % g]  # (N, dim)
+    features, cls_attention = model.vision(pixels)
+    if kind == "meteor":
+        text = model.llm.embed_tokens(instruction)
+        fused = model.fusion(features, text, instruction_mask) + table
+        expected = select(fused, cls_attention, text, instruction_mask, cfg.selection)
+        np.testing.assert_allclose(np.asarray(scored.native_score), np.asarray(expected.native_score), rtol=1e-5,
+                                   atol=1e-7)
+        blind = select(fused - table, cls_attention, text, instruction_mask, cfg.selection)
+        assert not np.allclose(np.asarray(scored.native_score), np.asarray(blind.native_score))  # the cells count
+    else:
+        plain = model.fusion(features, cls_attention, pixels)
+        expected = plain._replace(tokens=plain.tokens + table[np.asarray(plain.indices)])
+    np.testing.assert_array_equal(np.asarray(scored.indices), np.asarray(expected.indices))
+    np.testing.assert_allclose(np.asarray(scored.tokens), np.asarray(expected.tokens), rtol=1e-5, atol=1e-6)
+
+
 def test_grid_positions_belong_to_the_projector_and_bad_values_fail():
     from meteor_jax.config import RUN_DEFAULTS
     from meteor_jax.train.optim import TRAINED, trainable_labels
@@ -239,7 +271,7 @@ def test_grid_positions_belong_to_the_projector_and_bad_values_fail():
     assert "grid_position" not in nnx.to_pure_dict(nnx.state(
         nnx.eval_shape(lambda: Meteor(_tiny_model_config("cls_prune", 4), rngs=nnx.Rngs(0))), nnx.Param))["fusion"]
     assert MeteorConfig().visual_positions == "none"
-    with pytest.raises(ValueError, match=r"model.visual_positions='2d'; expected one of \('none', 'grid'\)"):
+    with pytest.raises(ValueError, match=r"model.visual_positions='2d'; expected one of \('none', 'grid', 'grid_sc"):
         MeteorConfig(visual_positions="2d")
 
 

@@ -22,7 +22,7 @@ from meteor_jax.models.selection import Selection, SelectionConfig, gumbel_noise
 from meteor_jax.models.vision import VisionConfig, VisionTower
 
 IGNORE_INDEX = -100
-VISUAL_POSITIONS = ("none", "grid")
+VISUAL_POSITIONS = ("none", "grid", "grid_scored")
 
 # What a batch holds (all static shapes; produced by the data pipeline):
 #   pixels            (B, H, W, C) float   normalised image (a blank image for text-only samples)
@@ -44,7 +44,11 @@ class MeteorConfig:
     # in fusion.dtype and draws `random` with selection.seed.
     projector: str = "meteor"
     # "grid": add learned row and column embeddings of each kept token's patch-grid cell to the visual tokens
-    # (layers.GridPositionEmbedding, parameters fusion.grid_position.*); "none": LLaVA's projector output as is.
+    # (layers.GridPositionEmbedding, parameters fusion.grid_position.*), after selection, so the experts score
+    # the fusion's output alone; "grid_scored": the same table added to all N fused tokens before selection, so the
+    # native expert compares the question with each token's cell too (a question that names a place, "row 3
+    # column 5", needs it: the decoder reads places from this table, so the fusion's output need not carry them);
+    # the kept tokens are the same sums either way. "none": LLaVA's projector output as is.
     visual_positions: str = "none"
 
     def __post_init__(self):
@@ -91,7 +95,7 @@ class Meteor(nnx.Module):
         else:  # a baseline: the same module slot (and name) so trainable/init/checkpoints treat it alike
             self.fusion = BaselineProjector(cfg.projector, **dims, keep=cfg.selection.keep, seed=cfg.selection.seed,
                                             dtype=cfg.fusion.dtype, rngs=rngs)
-        if cfg.visual_positions == "grid":  # part of the projector, so `trainable=("fusion",)` trains it
+        if cfg.visual_positions != "none":  # part of the projector, so `trainable=("fusion",)` trains it
             self.fusion.grid_position = GridPositionEmbedding(cfg.vision.grid, cfg.llm.dim, rngs=rngs)
         self.llm = LLM(cfg.llm, rngs=rngs)
 
@@ -108,11 +112,15 @@ class Meteor(nnx.Module):
         else:
             text = shard_batch(self.llm.embed_tokens(instruction), mesh)
             fused = shard_batch(self.fusion(features, text, instruction_mask), mesh)
+            if self.cfg.visual_positions == "grid_scored":
+                cells = jnp.broadcast_to(jnp.arange(fused.shape[1]), fused.shape[:2])
+                fused = fused + self.fusion.grid_position(cells).astype(fused.dtype)
             noise = None
             if sample:
                 noise = gumbel_noise(pixels, instruction, fused.shape[1], self.cfg.selection.seed)
             selected = select(fused, cls_attention, text, instruction_mask, self.cfg.selection, noise)
-        if self.cfg.visual_positions == "grid":  # after selection: the kept tokens' own cells, scores unchanged
+        if self.cfg.visual_positions == "grid" or (self.cfg.visual_positions == "grid_scored"
+                                                   and self.cfg.projector != "meteor"):  # the kept tokens' cells
             position = self.fusion.grid_position(selected.indices).astype(selected.tokens.dtype)
             selected = selected._replace(tokens=selected.tokens + position)
         return selected
@@ -137,20 +145,49 @@ class Meteor(nnx.Module):
         tokens of the global batch, not per shard.
 
         `train` with selection.estimator="reinforce" (Meteor only): the K tokens are sampled from the selection
-        scores, and the gradient gains the score-function term sum_b (L_b - mean L) * grad log p(selection_b), L_b
-        the sample's summed NLL: the scores learn which draws lowered the loss, dropped tokens included. The
-        returned value is the plain NLL (the term is added as t - stop_gradient(t)).
+        scores, and the gradient gains the score-function term sum_b (L_b - baseline_b) * grad log p(selection_b),
+        L_b the sample's summed NLL and baseline_b the batch's mean L (selection.baseline="batch") or the sample's L
+        with the top K kept ("greedy"): the scores learn which draws lowered the loss, dropped tokens included.
+        `train` with selection.distill > 0 (Meteor only) adds distill * the native expert's cross-entropy to the
+        decoder's saliency (`_saliency_cross_entropy`). The returned value is the plain NLL of the tokens the decoder
+        saw (the extra terms are added as t - stop_gradient(t)).
         """
         cfg = self.cfg
-        sample = (train and cfg.projector == "meteor" and cfg.selection.estimator == "reinforce"
-                  and cfg.selection.keep < cfg.vision.num_patches)  # keep = N: nothing to draw
-        if not sample:
+        meteor = train and cfg.projector == "meteor"
+        sample = meteor and cfg.selection.estimator == "reinforce" and cfg.selection.keep < cfg.vision.num_patches
+        distill = meteor and cfg.selection.distill > 0
+        if not (sample or distill):  # keep = N draws nothing
             return next_token_loss(self(batch), batch["labels"])
-        selected = self.visual_tokens(batch["pixels"], batch["instruction"], batch["instruction_mask"], sample=True)
+        selected = self.visual_tokens(batch["pixels"], batch["instruction"], batch["instruction_mask"], sample=sample)
         nll, count = next_token_nll(self(batch, selected), batch["labels"])
-        per_sample = jax.lax.stop_gradient(jnp.sum(nll, axis=1))
-        term = jnp.sum((per_sample - jnp.mean(per_sample)) * selected.log_prob)
-        return jnp.sum(nll) + (term - jax.lax.stop_gradient(term)), count
+        extra = jnp.float32(0.0)
+        if sample:
+            per_sample = jax.lax.stop_gradient(jnp.sum(nll, axis=1))
+            if cfg.selection.baseline == "greedy":
+                greedy = jax.lax.stop_gradient(self(batch))  # the top K, as evaluation keeps them
+                baseline = jax.lax.stop_gradient(jnp.sum(next_token_nll(greedy, batch["labels"])[0], axis=1))
+            else:
+                baseline = jnp.mean(per_sample)
+            extra += jnp.sum((per_sample - baseline) * selected.log_prob)
+        if distill:
+            extra += cfg.selection.distill * jnp.sum(self._saliency_cross_entropy(batch, selected))
+        return jnp.sum(nll) + (extra - jax.lax.stop_gradient(extra)), count
+
+    def _saliency_cross_entropy(self, batch: Mapping[str, jax.Array], selected: Selection) -> jax.Array:
+        """(B,) cross-entropy from the decoder's saliency over the K tokens it was given, p_k ∝ ‖∂NLL/∂token_k‖²
+        (a constant: one more decoder forward and backward, to the tokens only), to the native expert's score
+        renormalised over the same K tokens (selection.distill)."""
+        tokens = jax.lax.stop_gradient(selected.tokens)
+
+        def total_nll(tokens):
+            return jnp.sum(next_token_nll(self(batch, selected._replace(tokens=tokens)), batch["labels"])[0])
+
+        grad = jax.lax.stop_gradient(jax.grad(total_nll)(tokens)).astype(jnp.float32)
+        energy = jnp.sum(grad * grad, axis=-1)  # (B, K)
+        target = energy / jnp.maximum(jnp.sum(energy, axis=-1, keepdims=True), 1e-30)
+        native = jnp.take_along_axis(selected.native_score, selected.indices, axis=1)
+        log_q = jnp.log(jnp.maximum(native, 1e-30)) - jnp.log(jnp.maximum(jnp.sum(native, -1, keepdims=True), 1e-30))
+        return -jnp.sum(target * log_q, axis=-1)
 
 
 def next_token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:

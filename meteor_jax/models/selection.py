@@ -15,6 +15,11 @@ token's score, kept or dropped, gets ⟨Σ_k ∂L/∂kept_k, token⟩, the first
 toward that token. `reinforce` keeps the gate and, in training, draws the K tokens from the aggregate score as a
 distribution (Gumbel top-K, `noise`); the model's loss adds the score-function term (models/meteor.py), which
 rewards the draws that lowered the loss whichever tokens they held. Evaluation always keeps the top K.
+
+`distill` > 0 adds, in training, a cross-entropy from the decoder's own saliency over the tokens it was given (the
+share of ‖∂NLL/∂token‖² of each, stop-gradient) to the native expert's score renormalised over those tokens, weighted
+by `distill` (models/meteor.py). With keep = N (the all-token stage) every token gets a target, so the native expert
+learns which tokens the decoder reads for each question before any token is dropped.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import jax.numpy as jnp
 
 AGGREGATES = ("mean", "rank", "split", "visual", "native")
 ESTIMATORS = ("gate", "soft", "reinforce")
+BASELINES = ("batch", "greedy")
 _GOLDEN = 0x9E3779B1  # odd: multiplying by it is a bijection mod 2^32
 
 
@@ -39,6 +45,11 @@ class SelectionConfig:
     # gate: kept tokens scaled by their score | soft: + the score-weighted mean of all tokens | reinforce: gate, and
     # in training the K tokens are sampled from the scores and the loss adds a score-function term (models/meteor.py)
     estimator: str = "gate"
+    # reinforce's baseline, subtracted from a sample's NLL: batch: the batch's mean NLL | greedy: the same sample's
+    # NLL with the top K kept (self-critical; one more decoder forward, no backward), so how hard a sample is
+    # cancels out and only how much better or worse the draw did than the model's own choice is left
+    baseline: str = "batch"
+    distill: float = 0.0  # weight of the native expert's cross-entropy to the decoder's saliency (training only)
     seed: int = 0  # the seed of the per-image draw of model.projector="random" and of estimator="reinforce"
 
     def __post_init__(self):
@@ -46,6 +57,10 @@ class SelectionConfig:
             raise ValueError(f"selection.aggregate={self.aggregate!r}; expected one of {AGGREGATES}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"selection.estimator={self.estimator!r}; expected one of {ESTIMATORS}")
+        if self.distill < 0:
+            raise ValueError(f"selection.distill={self.distill} must be >= 0")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"selection.baseline={self.baseline!r}; expected one of {BASELINES}")
         if self.estimator == "reinforce" and self.aggregate not in ("mean", "visual", "native"):
             raise ValueError(f"selection.estimator='reinforce' samples from the aggregate score as a distribution: "
                              f"aggregate must be mean, visual or native, got {self.aggregate!r}")
