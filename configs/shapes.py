@@ -34,7 +34,10 @@ Meteor at K < 64 does not learn its selection from scratch here (README, Results
 (`--config.model.projector=meteor`, keep 64), then at K from that checkpoint with the selection learnt by sampling:
 `--config.model.selection.keep=4 --config.data.max_len=36 --config.model.selection.estimator=reinforce
 --config.train.num_steps=2000 --config.init.checkpoint=STAGE1/checkpoints "--config.init.modules=('vision','fusion',
-'llm')"` (`python -m meteor_jax.study` sets max_len for each K).
+'llm')"` (`python -m meteor_jax.study` sets max_len for each K). On the board (`:board`), where a question names
+one cell of 64, the sampled selection does not find it in 2000 steps; there a middle stage at keep 64 with
+`--config.model.selection.distill=1.0 --config.model.visual_positions=grid_scored` (3000 steps) trains the native
+expert toward the decoder's saliency first, then the same two flags at K (README, "A board of cells").
 """
 from configs import common
 from meteor_jax.data import board, shapes

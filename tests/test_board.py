@@ -12,7 +12,7 @@ from PIL import Image
 
 from meteor_jax.data import board, shapes
 from meteor_jax.data.llava import LlavaJsonSource
-from tests.test_shapes import REPO, _files
+from tests.test_shapes import REPO, _files, assert_every_sample_fits
 
 PALETTE = np.array(list(shapes.COLOURS.values()), np.float32)
 
@@ -122,27 +122,13 @@ def test_ensure_dataset_reuses_its_own_and_refuses_another(dataset, tmp_path):
 
 def test_config_board_generates_its_dataset_and_every_sample_fits(tmp_path, monkeypatch):
     from configs import shapes as shapes_config
-    from meteor_jax import config as config_lib
-    from meteor_jax.data.features import make_features
-    from meteor_jax.data.templates import instruction_text
-    from meteor_jax.data.tokenizer import train_word_tokenizer
-    from meteor_jax.run import _template_words
 
     monkeypatch.setattr(shapes_config, "NUM_TRAIN", 20)
     monkeypatch.setattr(shapes_config, "NUM_TEST", 5)
     config = shapes_config.get_config(f"board:{tmp_path}/board")
-    config, model_cfg = config_lib.validate(config)
     assert json.loads((tmp_path / "board" / "dataset.json").read_text())["generator"] == "meteor_jax.data.board"
     assert config.data.feature_cache == 80  # room for every training record (at most 4 questions per image)
-    source = LlavaJsonSource(config.data.train.partition(":")[2], config.data.image_folder)
-    records = [source[i] for i in range(len(source))]
-    tokenizer = train_word_tokenizer([t["value"] for r in records for t in r["conversations"]]
-                                     + [_template_words(config.data.template)])
-    assert tokenizer.vocab_size <= model_cfg.llm.vocab_size
-    spec = config_lib.feature_spec(config, model_cfg)
-    for r in records:
-        assert not make_features(r, tokenizer, spec, image=np.zeros((64, 64, 3), np.float32))["truncated"]
-        assert len(tokenizer.encode(instruction_text(r["conversations"]))) <= spec.instruction_len
+    assert_every_sample_fits(config)
 
 
 def test_cli_writes_the_dataset_and_names_bad_arguments(tmp_path, capsys):

@@ -198,16 +198,21 @@ def test_projector_config_errors():
 # ------------------------------------------------------------------------------------------- grid positions
 
 
+def _visual_inputs(cfg, seed: int):
+    """Random pixels and a 2-row instruction batch (the first row padded) for `Meteor.visual_tokens`."""
+    rng = np.random.default_rng(seed)
+    pixels = jnp.asarray(rng.normal(size=(2, cfg.vision.image_size, cfg.vision.image_size, 3)), jnp.float32)
+    instruction = jnp.asarray(rng.integers(1, cfg.llm.vocab_size, (2, 5)), jnp.int32)
+    return pixels, instruction, jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+
+
 @pytest.mark.parametrize("kind,keep", [("cls_prune", 5), ("meteor", 4), ("mlp", 16)])
 def test_grid_positions_add_the_kept_cells_row_and_column_embeddings(kind, keep):
     """model.visual_positions="grid": each kept token gains row[i // g] + column[i % g] of its raster index i
     (checked by hand against the projector's own output); the scores and indices are the projector's."""
     cfg = _tiny_model_config(kind, keep, visual_positions="grid")
     model = Meteor(cfg, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(3)
-    pixels = jnp.asarray(rng.normal(size=(2, cfg.vision.image_size, cfg.vision.image_size, 3)), jnp.float32)
-    instruction = jnp.asarray(rng.integers(1, cfg.llm.vocab_size, (2, 5)), jnp.int32)
-    instruction_mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    pixels, instruction, instruction_mask = _visual_inputs(cfg, seed=3)
     with_positions = model.visual_tokens(pixels, instruction, instruction_mask)
 
     features, cls_attention = model.vision(pixels)
@@ -234,10 +239,7 @@ def test_scored_grid_positions_are_added_before_meteor_selects(kind):
     with "grid" (the same tokens)."""
     cfg = _tiny_model_config(kind, 4, visual_positions="grid_scored")
     model = Meteor(cfg, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(5)
-    pixels = jnp.asarray(rng.normal(size=(2, cfg.vision.image_size, cfg.vision.image_size, 3)), jnp.float32)
-    instruction = jnp.asarray(rng.integers(1, cfg.llm.vocab_size, (2, 5)), jnp.int32)
-    instruction_mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    pixels, instruction, instruction_mask = _visual_inputs(cfg, seed=5)
     scored = model.visual_tokens(pixels, instruction, instruction_mask)
     g = cfg.vision.grid
     row, column = np.asarray(model.fusion.grid_position.row[...]), np.asarray(model.fusion.grid_position.column[...])

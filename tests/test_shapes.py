@@ -296,21 +296,16 @@ def test_ensure_dataset_reuses_a_complete_dataset_and_refuses_another(dataset, t
     assert len(json.loads((tmp_path / "partial" / "train.json").read_text())) == 10
 
 
-def test_config_generates_its_dataset_and_every_sample_fits(tmp_path, monkeypatch):
-    """configs/shapes.py:DIR generates the dataset in DIR (configs/shapes.py:free:DIR the free layout); its
-    vocabulary, max_len and instruction_len hold every sample of it whole."""
-    from configs import shapes as shapes_config
+def assert_every_sample_fits(config) -> None:
+    """The config's word vocabulary (trained on its training records, as the run trains it), max_len and
+    instruction_len hold every training sample whole."""
     from meteor_jax import config as config_lib
     from meteor_jax.data.features import make_features
     from meteor_jax.data.templates import instruction_text
     from meteor_jax.data.tokenizer import train_word_tokenizer
     from meteor_jax.run import _template_words
 
-    monkeypatch.setattr(shapes_config, "NUM_TRAIN", 30)
-    monkeypatch.setattr(shapes_config, "NUM_TEST", 5)
-    config = shapes_config.get_config(str(tmp_path / "data"))
     config, model_cfg = config_lib.validate(config)
-    assert config.data.train == f"llava_json:{tmp_path}/data/train.json"
     source = LlavaJsonSource(config.data.train.partition(":")[2], config.data.image_folder)
     records = [source[i] for i in range(len(source))]
     tokenizer = train_word_tokenizer([t["value"] for r in records for t in r["conversations"]]
@@ -323,6 +318,18 @@ def test_config_generates_its_dataset_and_every_sample_fits(tmp_path, monkeypatc
         features = make_features(r, tokenizer, spec, image=image)
         assert not features["truncated"], r["id"]
         assert len(tokenizer.encode(instruction_text(r["conversations"]))) <= spec.instruction_len
+
+
+def test_config_generates_its_dataset_and_every_sample_fits(tmp_path, monkeypatch):
+    """configs/shapes.py:DIR generates the dataset in DIR (configs/shapes.py:free:DIR the free layout); its
+    vocabulary, max_len and instruction_len hold every sample of it whole."""
+    from configs import shapes as shapes_config
+
+    monkeypatch.setattr(shapes_config, "NUM_TRAIN", 30)
+    monkeypatch.setattr(shapes_config, "NUM_TEST", 5)
+    config = shapes_config.get_config(str(tmp_path / "data"))
+    assert config.data.train == f"llava_json:{tmp_path}/data/train.json"
+    assert_every_sample_fits(config)
     with pytest.raises(ValueError, match="made by meteor_jax.data.shapes with .*'layout': 'quadrants'"):
         shapes_config.get_config(f"free:{tmp_path}/data")
     free = shapes_config.get_config(f"free:{tmp_path}/free")  # the free layout: its own directory

@@ -27,7 +27,6 @@ last). Deterministic: image i of a split is drawn from numpy's default_rng([seed
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Sequence
@@ -50,7 +49,6 @@ def default_cells(split: str, grid: int) -> tuple[int, ...]:
     return tuple(2 ** k for k in range((grid * grid - 1).bit_length())) + (grid * grid,)
 
 QUESTION_TYPE = "colour"
-_SPLITS = {"train": 0, "test": 1}
 
 
 def question(row: int, column: int) -> str:
@@ -90,20 +88,14 @@ def make_split(split: str, num_images: int, seed: int, image_size: int = 64, gri
                progress: bool = False) -> tuple[dict[str, bytes], list[dict]]:
     """The PNG bytes by file name and the LLaVA records of one split (records in image order). Each board has one of
     `cells` painted cells (drawn uniformly; default `default_cells`)."""
-    if split not in _SPLITS:
-        raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be one of ['test', 'train'], got {split!r}")
     cells = default_cells(split, grid) if cells is None else tuple(int(n) for n in cells)
     check_args(num_images=num_images, seed=seed, image_size=image_size, grid=grid,
                questions_per_image=questions_per_image, cells=cells)
     names = list(shapes.COLOURS)
     images, records = {}, []
-    steps = range(num_images)
-    if progress:
-        from tqdm import tqdm
-
-        steps = tqdm(steps, desc=f"board {split}", unit="image", file=sys.stderr, mininterval=1.0)
-    for i in steps:
-        rng = np.random.default_rng([seed, _SPLITS[split], i])
+    for i, rng in shapes.image_streams("board", split, num_images, seed, progress):
         painted = cells[int(rng.integers(len(cells)))]
         image, colours = make_image(rng, image_size, grid, painted)
         name = f"{split}_{i:06d}.png"
@@ -179,12 +171,7 @@ def ensure_dataset(out: str | os.PathLike, *, num_train: int, num_test: int, see
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {GENERATOR}", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="output directory (an existing dataset there is replaced)")
-    parser.add_argument("--train", type=int, required=True, help="number of training images")
-    parser.add_argument("--test", type=int, required=True, help="number of test images")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = shapes.generator_parser(GENERATOR, __doc__)
     parser.add_argument("--image_size", type=int, default=64, help="image side in pixels (a multiple of --grid)")
     parser.add_argument("--grid", type=int, default=GRID, help=f"cells per side (default {GRID})")
     parser.add_argument("--questions_per_image", type=int, default=4, help="questions per image, about distinct cells")

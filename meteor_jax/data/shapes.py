@@ -246,13 +246,7 @@ def make_split(split: str, num_images: int, seed: int, image_size: int = 64, que
                objects=objects, layout=layout, allow_zero=True)
     objects = tuple(int(n) for n in objects)
     images, records = {}, []
-    steps = range(num_images)
-    if progress:
-        from tqdm import tqdm
-
-        steps = tqdm(steps, desc=f"shapes {split}", unit="image", file=sys.stderr, mininterval=1.0)
-    for i in steps:
-        rng = np.random.default_rng([seed, _SPLITS[split], i])
+    for i, rng in image_streams("shapes", split, num_images, seed, progress):
         num_objects = objects[int(rng.integers(len(objects)))] if len(objects) > 1 else objects[0]
         image, drawn = make_image(rng, image_size, num_objects, layout)
         name = f"{split}_{i:06d}.png"
@@ -279,6 +273,20 @@ def make_split(split: str, num_images: int, seed: int, image_size: int = 64, que
                                {"from": "gpt", "value": answer}],
                 question_type=qtype, num_objects=len(drawn), target=target))
     return images, records
+
+
+def image_streams(name: str, split: str, num_images: int, seed: int,
+                  progress: bool) -> Iterable[tuple[int, np.random.Generator]]:
+    """(i, the random stream of image i of `split`): numpy's default_rng([seed, split index, i]), so every image is
+    drawn independently of the others and of the other split; a progress bar "NAME SPLIT" on stderr with
+    `progress`."""
+    steps = range(num_images)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc=f"{name} {split}", unit="image", file=sys.stderr, mininterval=1.0)
+    for i in steps:
+        yield i, np.random.default_rng([seed, _SPLITS[split], i])
 
 
 def _exists_question(rng: np.random.Generator, drawn: Sequence[Obj]) -> tuple[str, str, Obj | None]:
@@ -510,13 +518,19 @@ def parse_counts(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,2,3,4, got {text!r}") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m meteor_jax.data.shapes", description=__doc__.split("\n\n")[0],
+def generator_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """A dataset generator's command line: --out, --train, --test and --seed; the generator adds its own."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output directory (an existing dataset there is replaced)")
     parser.add_argument("--train", type=int, required=True, help="number of training images")
     parser.add_argument("--test", type=int, required=True, help="number of test images")
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = generator_parser("meteor_jax.data.shapes", __doc__)
     parser.add_argument("--image_size", type=int, default=64, help="image side in pixels (even, >= 32)")
     parser.add_argument("--questions_per_image", type=int, default=4,
                         help=f"questions per image, 1..{MAX_QUESTIONS_PER_IMAGE} (cycling through the 4 types)")
