@@ -156,7 +156,7 @@ class Meteor(nnx.Module):
         meteor = train and cfg.projector == "meteor"
         sample = meteor and cfg.selection.estimator == "reinforce" and cfg.selection.keep < cfg.vision.num_patches
         distill = meteor and cfg.selection.distill > 0
-        if not (sample or distill):  # keep = N draws nothing
+        if not (sample or distill):  # nothing drawn (keep = N draws nothing) and nothing distilled
             return next_token_loss(self(batch), batch["labels"])
         selected = self.visual_tokens(batch["pixels"], batch["instruction"], batch["instruction_mask"], sample=sample)
         nll, count = next_token_nll(self(batch, selected), batch["labels"])

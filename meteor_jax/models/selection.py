@@ -49,7 +49,9 @@ class SelectionConfig:
     # NLL with the top K kept (self-critical; one more decoder forward, no backward), so how hard a sample is
     # cancels out and only how much better or worse the draw did than the model's own choice is left
     baseline: str = "batch"
-    distill: float = 0.0  # weight of the native expert's cross-entropy to the decoder's saliency (training only)
+    # weight of the native expert's cross-entropy to the decoder's saliency (training only; projector meteor, the
+    # baselines have no native expert and ignore it, as every estimator setting)
+    distill: float = 0.0
     seed: int = 0  # the seed of the per-image draw of model.projector="random" and of estimator="reinforce"
 
     def __post_init__(self):
