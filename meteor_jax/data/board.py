@@ -8,7 +8,7 @@ grey background. A painted cell is a square of one of the shapes set's six colou
 pixel of background on each side. Test boards have every cell painted; a training board has a number of painted
 cells drawn uniformly from `--train_cells` (the rest plain background), a curriculum inside every batch as in the
 shapes set: with one painted cell the answer is the only colour shown, with more the model has to find the named
-cell (trained on full boards alone, the recipe stays at the prior). A question names a painted cell by its row and
+cell (on full boards alone, the shapes recipe stayed at the prior for 1600 steps). A question names a painted cell by its row and
 column (from 1, top left) and asks its colour:
 
   colour        What colour is row 3 column 5?         red | green | blue | yellow | purple | cyan
@@ -39,6 +39,7 @@ from meteor_jax.data import shapes
 VERSION = 1
 GENERATOR = "meteor_jax.data.board"
 GRID = 8  # cells per side
+QUESTION_TYPE = "colour"
 
 
 def default_cells(split: str, grid: int) -> tuple[int, ...]:
@@ -47,8 +48,6 @@ def default_cells(split: str, grid: int) -> tuple[int, ...]:
     if split == "test":
         return (grid * grid,)
     return tuple(2 ** k for k in range((grid * grid - 1).bit_length())) + (grid * grid,)
-
-QUESTION_TYPE = "colour"
 
 
 def question(row: int, column: int) -> str:
@@ -71,9 +70,9 @@ def make_image(rng: np.random.Generator, image_size: int = 64, grid: int = GRID,
         colours[blank.reshape(grid, grid)] = -1
     jitter = rng.integers(-shapes.COLOUR_JITTER, shapes.COLOUR_JITTER + 1, (grid, grid, 3))
     for row, column in zip(*np.nonzero(colours >= 0)):
-            x0, y0, x1, y1 = cell_box(row, column, image_size, grid)
-            rgb = np.clip(np.array(shapes.COLOURS[names[colours[row, column]]]) + jitter[row, column], 0, 255)
-            draw.rectangle((x0 + 1, y0 + 1, x1 - 2, y1 - 2), fill=tuple(int(c) for c in rgb))  # inclusive corners
+        x0, y0, x1, y1 = cell_box(int(row), int(column), image_size, grid)
+        rgb = np.clip(np.array(shapes.COLOURS[names[colours[row, column]]]) + jitter[row, column], 0, 255)
+        draw.rectangle((x0 + 1, y0 + 1, x1 - 2, y1 - 2), fill=tuple(int(c) for c in rgb))  # inclusive corners
     return image, colours
 
 
