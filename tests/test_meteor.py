@@ -91,6 +91,7 @@ def test_reinforce_training_loss_adds_the_score_function_term_only(baseline):
     top = nnx.merge(graphdef, params).visual_tokens(batch["pixels"], batch["instruction"], batch["instruction_mask"])
     assert draw.log_prob is not None and top.log_prob is None
     assert not np.array_equal(np.asarray(draw.indices), np.asarray(top.indices))  # a draw, not the top K
+
     def row_nll(selected):
         return np.array([float(next_token_loss(nnx.merge(graphdef, params)(batch, selected)[b:b + 1],
                                                batch["labels"][b:b + 1])[0]) for b in range(4)])
