@@ -65,9 +65,9 @@ def check_mask(tokenized, tok, marked):
 
 
 def test_ignore_index_matches_model():
-    from meteor_jax.models import meteor
+    from meteor_jax.models import cross_entropy
 
-    assert IGNORE_INDEX == meteor.IGNORE_INDEX == -100
+    assert IGNORE_INDEX == cross_entropy.IGNORE_INDEX == -100
 
 
 # ------------------------------------------------------------------------------------------------ tokenizers

@@ -15,7 +15,7 @@ from flax import nnx
 
 from meteor_jax import sharding
 from meteor_jax.models.llm import LLM, LLMConfig
-from meteor_jax.models.meteor import next_token_loss
+from meteor_jax.models.cross_entropy import next_token_loss
 
 
 def _cfg(**kw):

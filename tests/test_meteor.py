@@ -10,9 +10,8 @@ from configs import meteor_7b, meteor_13b, smollm2, tiny
 from meteor_jax import config as config_lib
 from meteor_jax import sharding
 from meteor_jax.models.layers import count_params
-from meteor_jax.models.meteor import (
-    IGNORE_INDEX, Meteor, config_from_dict, generate, next_token_loss, sample_token, splice_image_tokens,
-)
+from meteor_jax.models.cross_entropy import IGNORE_INDEX, next_token_loss
+from meteor_jax.models.meteor import Meteor, config_from_dict, generate, sample_token, splice_image_tokens
 
 T, M = 12, 5
 
@@ -157,35 +156,6 @@ def test_distill_trains_the_native_expert_toward_the_decoders_saliency(keep):
     plain = jax.grad(lambda p: nll_of(p, selected_of(p)))(params)
     moved = jax.tree.map(lambda g, w: float(jnp.abs(g - w).max()), got, plain)
     assert max(jax.tree.leaves(moved)) > 1e-4  # the term does reach the parameters
-
-
-def test_next_token_loss_hand_case():
-    logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
-    labels = jnp.array([[IGNORE_INDEX, 1, IGNORE_INDEX]])
-    total, count = next_token_loss(logits, labels)
-    assert float(count) == 1.0
-    np.testing.assert_allclose(float(total), -np.log(0.25), rtol=1e-6)
-
-
-def test_next_token_loss_equals_gathered_log_softmax():
-    """The fused form (shifted labels, iota compare) against the textbook one, values and gradients; a target
-    outside the vocabulary is NaN, not a finite loss."""
-    logits = 3.0 * jax.random.normal(jax.random.key(0), (3, 7, 11))
-    labels = jax.random.randint(jax.random.key(1), (3, 7), 0, 11)
-    labels = jnp.where(jax.random.bernoulli(jax.random.key(2), 0.4, (3, 7)), IGNORE_INDEX, labels)
-
-    def reference(logits):
-        targets = labels[:, 1:]
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        nll = -jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
-        return jnp.sum(jnp.where(targets != IGNORE_INDEX, nll, 0.0))
-
-    total, count = next_token_loss(logits, labels)
-    assert float(count) == float(jnp.sum(labels[:, 1:] != IGNORE_INDEX))
-    np.testing.assert_allclose(float(total), float(reference(logits)), rtol=1e-6)
-    np.testing.assert_allclose(jax.grad(lambda x: next_token_loss(x, labels)[0])(logits), jax.grad(reference)(logits),
-                               rtol=1e-5, atol=1e-6)
-    assert np.isnan(float(next_token_loss(logits, labels.at[0, 3].set(11))[0]))
 
 
 def test_sharded_forward_equals_single_device():

@@ -10,7 +10,8 @@ from flax import nnx
 
 from configs import tiny
 from meteor_jax import sharding
-from meteor_jax.models.meteor import IGNORE_INDEX, Meteor, config_from_dict
+from meteor_jax.models.cross_entropy import IGNORE_INDEX
+from meteor_jax.models.meteor import Meteor, config_from_dict
 from meteor_jax.train import (
     FROZEN, TRAINED, create_train_state, make_eval_step, make_optimizer, make_schedule, make_train_step,
     train_state_from_params, trainable_labels,

@@ -24,7 +24,7 @@ from typing import Mapping, NamedTuple, Sequence
 
 from meteor_jax.data.tokenizer import IMAGE_TOKEN, Tokenizer
 
-IGNORE_INDEX = -100  # must equal meteor_jax.models.meteor.IGNORE_INDEX (a test checks)
+IGNORE_INDEX = -100  # must equal meteor_jax.models.cross_entropy.IGNORE_INDEX (a test checks)
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx, struct
 
 from meteor_jax.models.attention import attend, check_implementation, choose
+from meteor_jax.models.cross_entropy import blockwise_next_token_nll
 from meteor_jax.models.layers import REMAT_POLICIES, RMSNorm, dense, mesh_of, run_stacked, shard_batch, stack_layers
 
 
@@ -41,6 +42,9 @@ class LLMConfig:
     # Attention kernel without a KV cache (training, scoring): "auto" (cuDNN flash attention on GPU at bf16/fp16,
     # splash on TPU, XLA otherwise) | "xla" | "cudnn" | "splash". Decoding with a cache always uses XLA.
     attention: str = "auto"
+    # The loss runs the output head over blocks of this many positions and skips the blocks without a trained
+    # target (models/cross_entropy.py): the image slots, the prompt and the padding cost no head matmul.
+    loss_block: int = 128
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -56,6 +60,8 @@ class LLMConfig:
                 "llm.rope_scaling must be (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)"
             )
         jnp.dtype(self.dtype)  # fails clearly on an unknown dtype name
+        if self.loss_block < 1:
+            raise ValueError(f"llm.loss_block={self.loss_block} must be >= 1")
         check_implementation(self.attention, "llm.attention")
 
     @property
@@ -219,6 +225,15 @@ class LLM(nnx.Module):
                               preferred_element_type=jnp.float32)
         return jnp.einsum("btd,dv->btv", h, self.lm_head.kernel[...].astype(dtype),
                           preferred_element_type=jnp.float32)
+
+    def next_token_nll(self, hidden: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(B, T) NLL of labels[t + 1] at position t and the target count, from the final-normed hidden states
+        (`return_hidden=True`): `cross_entropy.next_token_nll(self.logits(hidden), labels)` without the (B, T, V)
+        logits, the head run only over blocks of `loss_block` positions that hold a trained target."""
+        tied = self.cfg.tie_embeddings
+        weight = self.embed.embedding[...] if tied else self.lm_head.kernel[...]
+        return blockwise_next_token_nll(hidden, weight, labels, tied=tied, block=self.cfg.loss_block,
+                                        dtype=self.compute_dtype, mesh=mesh_of(self.embed.embedding[...]))
 
     def __call__(
         self,

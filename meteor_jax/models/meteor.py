@@ -21,7 +21,6 @@ from meteor_jax.models.projectors import BaselineProjector, check_projector
 from meteor_jax.models.selection import Selection, SelectionConfig, gumbel_noise, select
 from meteor_jax.models.vision import VisionConfig, VisionTower
 
-IGNORE_INDEX = -100
 VISUAL_POSITIONS = ("none", "grid", "grid_scored")
 
 # What a batch holds (all static shapes; produced by the data pipeline):
@@ -138,6 +137,13 @@ class Meteor(nnx.Module):
         )
         return logits
 
+    def nll(self, batch: Mapping[str, jax.Array], selected: Selection | None = None) -> tuple[jax.Array, jax.Array]:
+        """(B, T) next-token NLL of batch["labels"] and the target count: `next_token_nll(self(batch, selected),
+        labels)` without the (B, T, V) logits (`LLM.next_token_nll`)."""
+        hidden, _ = self.llm(self.embed_inputs(batch, selected), positions=positions_from_mask(batch["mask"]),
+                             mask=batch["mask"], return_hidden=True)
+        return self.llm.next_token_nll(hidden, batch["labels"])
+
     def loss(self, batch: Mapping[str, jax.Array], *, train: bool = False) -> tuple[jax.Array, jax.Array]:
         """(sum of next-token cross-entropy over trained positions, number of trained positions).
 
@@ -157,15 +163,16 @@ class Meteor(nnx.Module):
         sample = meteor and cfg.selection.estimator == "reinforce" and cfg.selection.keep < cfg.vision.num_patches
         distill = meteor and cfg.selection.distill > 0
         if not (sample or distill):  # nothing drawn (keep = N draws nothing) and nothing distilled
-            return next_token_loss(self(batch), batch["labels"])
+            nll, count = self.nll(batch)
+            return jnp.sum(nll), count
         selected = self.visual_tokens(batch["pixels"], batch["instruction"], batch["instruction_mask"], sample=sample)
-        nll, count = next_token_nll(self(batch, selected), batch["labels"])
+        nll, count = self.nll(batch, selected)
         extra = jnp.float32(0.0)
         if sample:
             per_sample = jax.lax.stop_gradient(jnp.sum(nll, axis=1))
             if cfg.selection.baseline == "greedy":
-                greedy = jax.lax.stop_gradient(self(batch))  # the top K, as evaluation keeps them
-                baseline = jax.lax.stop_gradient(jnp.sum(next_token_nll(greedy, batch["labels"])[0], axis=1))
+                greedy = self.nll(batch)[0]  # the top K, as evaluation keeps them
+                baseline = jax.lax.stop_gradient(jnp.sum(greedy, axis=1))
             else:
                 baseline = jnp.mean(per_sample)
             extra += jnp.sum((per_sample - baseline) * selected.log_prob)
@@ -180,7 +187,7 @@ class Meteor(nnx.Module):
         tokens = jax.lax.stop_gradient(selected.tokens)
 
         def total_nll(tokens):
-            return jnp.sum(next_token_nll(self(batch, selected._replace(tokens=tokens)), batch["labels"])[0])
+            return jnp.sum(self.nll(batch, selected._replace(tokens=tokens))[0])
 
         grad = jax.lax.stop_gradient(jax.grad(total_nll)(tokens)).astype(jnp.float32)
         energy = jnp.sum(grad * grad, axis=-1)  # (B, K)
@@ -188,31 +195,6 @@ class Meteor(nnx.Module):
         native = jnp.take_along_axis(selected.native_score, selected.indices, axis=1)
         log_q = jnp.log(jnp.maximum(native, 1e-30)) - jnp.log(jnp.maximum(jnp.sum(native, -1, keepdims=True), 1e-30))
         return -jnp.sum(target * log_q, axis=-1)
-
-
-def next_token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Position t predicts labels[t + 1]: (B, T) NLL, 0 where the target is IGNORE_INDEX, and the target count.
-
-    The labels are shifted rather than the (B, T, V) logits, and the target logit is picked by comparing against
-    the vocabulary iota rather than gathered: both are elementwise ops that fuse into the logsumexp, where a slice
-    of the logits and a gather would put a (B, T, V) pad and scatter into the backward pass (a 2.7-3.7x slower
-    gradient of this loss on 2 CPU cores at SmolLM2's vocabulary, 2 x 640 tokens; TPU code writes it so too).
-    A target outside [0, V) gives NaN, as the gather did, never a silently finite loss.
-    """
-    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
-    valid = targets != IGNORE_INDEX
-    logits = logits.astype(jnp.float32)
-    vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
-    picked = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
-    nll = jax.nn.logsumexp(logits, axis=-1) - picked
-    nll = jnp.where((targets < 0) | (targets >= logits.shape[-1]), jnp.nan, nll)
-    return jnp.where(valid, nll, 0.0), jnp.sum(valid).astype(jnp.float32)
-
-
-def next_token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(summed NLL, target count) of `next_token_nll`."""
-    nll, count = next_token_nll(logits, labels)
-    return jnp.sum(nll), count
 
 
 def sample_token(logits: jax.Array, rng: jax.Array | None, temperature: float = 0.0, top_p: float = 1.0) -> jax.Array:
