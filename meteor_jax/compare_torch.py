@@ -12,9 +12,12 @@ backend runs on all of them):
   decoder     our LLM alone at that length (its ratio is against llama)
 
 Each row: median seconds of `steps` timed calls after `warmup` untimed ones, every row's calls taken in turn
-(round-robin, so load from other processes that comes and goes weighs on both sides alike), for fwd+bwd (gradients of every
-trained parameter; transformers zeroes its gradients each step) and forward only (prefill: logits of every
-position); ratio = reference seconds / ours (> 1: ours faster).
+(round-robin, so load from other processes that comes and goes weighs on both sides alike), for fwd+bwd
+(gradients of every trained parameter; transformers zeroes its gradients each step) and forward only (prefill:
+logits of every position); ratio = reference seconds / ours (> 1: ours faster). Each side's fwd+bwd is its own
+training loss: transformers' computes the logits of every position, ours (`Meteor.loss`, `LLM.next_token_nll`)
+runs the output head only over blocks of `llm.loss_block` positions holding a trained target
+(models/cross_entropy.py); the loss and gradients are the same (the parity check compares the losses).
 
   python -c "from meteor_jax import compare_torch as c; print(c.format_table(c.compare()))"
 
@@ -147,7 +150,7 @@ def compare(*, vision: dict | None = None, text: dict | None = None, fusion: dic
 
     from meteor_jax.convert.llava import load_llava, meteor_config_from_llava
     from meteor_jax.models.fusion import FusionConfig
-    from meteor_jax.models.meteor import Meteor, next_token_loss
+    from meteor_jax.models.meteor import Meteor
     from meteor_jax.models.selection import SelectionConfig
 
     vision, text = dict(VISION, **(vision or {})), dict(TEXT, **(text or {}))
@@ -195,8 +198,8 @@ def compare(*, vision: dict | None = None, text: dict | None = None, fusion: dic
         def forward(p, b):
             return nnx.merge(graphdef, p, rest)(b)
 
-        def loss(p, b):
-            total, count = next_token_loss(forward(p, b), b["labels"])
+        def loss(p, b):  # the train step's loss (the head only over blocks of positions with a target)
+            total, count = nnx.merge(graphdef, p, rest).loss(b)
             return total / count  # the mean, as transformers' loss
 
         return params, loss, forward
@@ -208,7 +211,7 @@ def compare(*, vision: dict | None = None, text: dict | None = None, fusion: dic
     with torch.inference_mode():
         hf_logits = hf(**{k: v for k, v in hf_inputs.items() if k != "labels"}).logits.numpy()
         hf_loss = float(hf(**hf_inputs).loss)
-    ours_loss = float(jax.jit(loss)(params, jbatch))
+    ours_loss = float(jax.jit(loss)(params, jbatch))  # also checks the blockwise loss against transformers' loss
     max_diff = float(np.abs(ours_logits - hf_logits).max())
     if not (max_diff <= parity_tol and abs(hf_loss - ours_loss) <= parity_tol):
         raise AssertionError(f"logits of ours and transformers' LLaVA differ by max |Δ| {max_diff:.3e} (loss "
@@ -238,8 +241,9 @@ def compare(*, vision: dict | None = None, text: dict | None = None, fusion: dic
             return llm(llm.embed_tokens(b["tokens"]))[0]
 
         def llm_loss(p, b):
-            total, count = next_token_loss(llm_logits(p, b), b["labels"])
-            return total / count
+            llm = nnx.merge(graphdef, p, rest)
+            nll, count = llm.next_token_nll(llm(llm.embed_tokens(b["tokens"]), return_hidden=True)[0], b["labels"])
+            return jnp.sum(nll) / count
 
         db = dict(tokens=jnp.asarray(ids, jnp.int32), labels=jnp.asarray(labels, jnp.int32))
         calls["decoder"] = _jax_calls(llm_loss, llm_logits, params, db)
