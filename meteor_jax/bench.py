@@ -146,6 +146,7 @@ def main(argv):
 
 def _side_bench():
     if FLAGS.compare:
+        cli.reexec_with_retained_memory()  # torch and XLA in one process (cli.RETAINED_MEMORY_TUNABLES)
         from meteor_jax import compare_torch
 
         # torch takes seconds per step on a CPU: 3 timed steps per row unless --steps says otherwise
