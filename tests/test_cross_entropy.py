@@ -143,14 +143,14 @@ def test_model_loss_equals_loss_of_logits():
     def reference(p):
         return next_token_loss(nnx.merge(graphdef, p)(batch), batch["labels"])
 
-    total, count = blockwise(params)
-    want_total, want_count = reference(params)
+    (total, count), grads = jax.jit(jax.value_and_grad(blockwise, has_aux=True))(params)
+    (want_total, want_count), want = jax.jit(jax.value_and_grad(reference, has_aux=True))(params)
     assert float(count) == float(want_count) > 0
     np.testing.assert_allclose(float(total), float(want_total), rtol=1e-5)
-    grads = jax.grad(lambda p: blockwise(p)[0])(params)
-    want = jax.grad(lambda p: reference(p)[0])(params)
-    # Float summation order differs (blocks): within 1e-4 of each parameter's largest gradient (measured: 2e-6).
-    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-4 * float(jnp.abs(w).max()) + 1e-7), grads,
+    # Float summation order differs (blocks): within 1e-4 of each parameter's largest gradient (measured: 2e-6),
+    # plus 1e-6 for the attention key biases, whose gradient is zero (softmax ignores a shift shared by all keys)
+    # and whose computed values are rounding noise of 1e-7.
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-4 * float(jnp.abs(w).max()) + 1e-6), grads,
                  want)
 
 

@@ -153,9 +153,10 @@ def blockwise_next_token_nll(hidden: jax.Array, weight: jax.Array, labels: jax.A
 
     hidden (B, T, D): the final-normed hidden states; weight: the head, the (V, D) embedding if `tied`, else the
     (D, V) kernel; both are cast to `dtype` for the matmuls, which accumulate in float32. `block`: positions per
-    block (the last block is padded). Returns ((B, T) float32 NLL, target count)."""
+    block (at most T; the last block is padded). Returns ((B, T) float32 NLL, target count)."""
     if block < 1:
         raise ValueError(f"block={block} must be >= 1")
     targets = shift_labels(labels)
+    block = min(block, targets.shape[1])  # never pad a short sequence up to a block
     nll = _blockwise_nll(hidden, weight, targets, block, tied, jnp.dtype(dtype), mesh)
     return nll, jnp.sum(targets != IGNORE_INDEX).astype(jnp.float32)
