@@ -3,8 +3,8 @@ output head in blocks of positions (`blockwise_next_token_nll`), the path the lo
 
 The blockwise path exists because most positions of a LLaVA sequence are never trained (the image slots, the
 prompt, the padding) and the head is the most expensive matmul of a small decoder: at SmolLM2's vocabulary, 2 x 640
-tokens, the head and its loss were 0.8 of the decoder's 2.1 s fwd+bwd on 2 CPU cores. A block of positions none of
-whose targets is trained is skipped in both passes (`lax.cond`, so it costs nothing on any backend); the (B, T, V)
+tokens, the head and its loss took 0.8 s of the decoder's 2.1 s fwd+bwd on 2 CPU cores. A block of positions none of
+whose targets is trained is skipped in both passes (`lax.cond`: real control flow, no matmul for it); the (B, T, V)
 logits never exist, only one block's (B, block, V), recomputed in the backward pass (a custom VJP that keeps the
 hidden states and each position's log-sum-exp, and accumulates the head's gradient in place, never adding zeros
 for a skipped block). Same numbers as the logits path up to float summation order.
