@@ -22,9 +22,9 @@ THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 # Two frameworks in one process (`bench --compare torch`): each call of either frees its large buffers, glibc
 # returns them to the kernel, and the other's next call faults fresh zeroed pages in. On 2 CPU cores that cost our
-# decoder's fwd+bwd 1.4 s a call (2.8 s against 1.4 s alone; 61 s of system time a bench run) and transformers'
-# 0.4-0.8 s. With one arena, no mmap and no trimming, malloc keeps freed memory for reuse: 22 s of system time, and
-# every row as fast as alone. Not for the other entry points: on the shapes train step it measured no faster, and
+# decoder's fwd+bwd 1.4 s a call (2.8 s against 1.4 s alone; 50-61 s of system time a bench run) and transformers'
+# 0.4-0.8 s. With one arena, no mmap and no trimming, malloc keeps freed memory for reuse: 22 s of system time,
+# and our decoder as fast as alone. Not for the other entry points: on the shapes train step it measured no faster, and
 # one arena serialises the allocations of every thread (a data loader's).
 RETAINED_MEMORY_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
                             "glibc.malloc.trim_threshold=1099511627776")
