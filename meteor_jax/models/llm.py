@@ -1,10 +1,11 @@
 """Decoder LLM: the LLaMA architecture (Vicuna, LLaMA-2/3, Mistral-style, SmolLM2).
 
-Token embedding, pre-RMSNorm layers with rotary position embeddings (HF rotate-half convention, so HF q/k
-weights load without permutation), grouped-query attention through models/attention.py (the platform's fused kernel, `LLMConfig.attention`), SwiGLU MLP,
-final RMSNorm and a tied or untied head. Layers are stacked on a leading 'layers' axis and run with `jax.lax.scan`
-(or a Python loop over slices, same numbers); a remat policy from the config wraps each layer. Positions are
-explicit, so left-padded batches and KV-cache decoding share one code path.
+Token embedding, pre-RMSNorm layers with rotary position embeddings (HF rotate-half convention, so HF q/k weights
+load without permutation), grouped-query attention through models/attention.py (the platform's fused kernel,
+`LLMConfig.attention`), SwiGLU MLP, final RMSNorm and a tied or untied head (the loss through it in blocks of
+positions: `next_token_nll`, models/cross_entropy.py). Layers are stacked on a leading 'layers' axis and run with
+`jax.lax.scan` (or a Python loop over slices, same numbers); a remat policy from the config wraps each layer.
+Positions are explicit, so left-padded batches and KV-cache decoding share one code path.
 """
 from __future__ import annotations
 
