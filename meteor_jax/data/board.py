@@ -87,8 +87,7 @@ def make_split(split: str, num_images: int, seed: int, image_size: int = 64, gri
                progress: bool = False) -> tuple[dict[str, bytes], list[dict]]:
     """The PNG bytes by file name and the LLaVA records of one split (records in image order). Each board has one of
     `cells` painted cells (drawn uniformly; default `default_cells`)."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be one of ['test', 'train'], got {split!r}")
+    shapes.check_split(split)
     cells = default_cells(split, grid) if cells is None else tuple(int(n) for n in cells)
     check_args(num_images=num_images, seed=seed, image_size=image_size, grid=grid,
                questions_per_image=questions_per_image, cells=cells)

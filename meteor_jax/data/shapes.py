@@ -230,8 +230,7 @@ def make_split(split: str, num_images: int, seed: int, image_size: int = 64, que
     min(questions_per_image, 4 × its objects) questions, then `exists` existence questions (default TRAIN_EXISTS
     for train, 0 for test), then the descriptions `describe` asks for (bits: 1 the quadrant-order one, 2 the
     shape-order one; default TRAIN_DESCRIBE for train, 0 for test)."""
-    if split not in _SPLITS:
-        raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
+    check_split(split)
     if objects is None:
         objects = TRAIN_OBJECTS if split == "train" else TEST_OBJECTS
     if exists is None:
@@ -273,6 +272,12 @@ def make_split(split: str, num_images: int, seed: int, image_size: int = 64, que
                                {"from": "gpt", "value": answer}],
                 question_type=qtype, num_objects=len(drawn), target=target))
     return images, records
+
+
+def check_split(split: str) -> None:
+    """A clear error for a split name that is not one of the generators' splits."""
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
 
 
 def image_streams(name: str, split: str, num_images: int, seed: int,
