@@ -102,27 +102,35 @@ class Meteor(nnx.Module):
                       sample: bool = False) -> Selection:
         """The K selected, fused visual tokens (B, K, d_llm) and the experts' scores. `sample` (training with
         selection.estimator="reinforce"): draw the K tokens from the scores, with the draw's log-probability."""
+        return self._selections(pixels, instruction, instruction_mask, (sample,))[0]
+
+    def _selections(self, pixels: jax.Array, instruction: jax.Array, instruction_mask: jax.Array,
+                    samples: tuple[bool, ...]) -> list[Selection]:
+        """One `visual_tokens` result per entry of `samples` (drawn or top K), from one pass of the vision tower and
+        the fusion (reinforce's greedy baseline needs the draw and the top K of the same fused tokens)."""
         # Activations stay split over the batch axes (see layers.shard_batch: otherwise XLA may gather the global
         # batch on every device where they meet fsdp-sharded weights).
         mesh = mesh_of(self.llm.embed.embedding[...])
         features, cls_attention = (shard_batch(x, mesh) for x in self.vision(pixels))
-        if self.cfg.projector != "meteor":  # baselines never look at the instruction
-            selected = self.fusion(features, cls_attention, pixels)
+        if self.cfg.projector != "meteor":  # baselines never look at the instruction, nor draw
+            selections = [self.fusion(features, cls_attention, pixels)] * len(samples)
         else:
             text = shard_batch(self.llm.embed_tokens(instruction), mesh)
             fused = shard_batch(self.fusion(features, text, instruction_mask), mesh)
             if self.cfg.visual_positions == "grid_scored":
                 cells = jnp.broadcast_to(jnp.arange(fused.shape[1]), fused.shape[:2])
                 fused = fused + self.fusion.grid_position(cells).astype(fused.dtype)
-            noise = None
-            if sample:
-                noise = gumbel_noise(pixels, instruction, fused.shape[1], self.cfg.selection.seed)
-            selected = select(fused, cls_attention, text, instruction_mask, self.cfg.selection, noise)
+            selections = []
+            for sample in samples:
+                noise = None
+                if sample:
+                    noise = gumbel_noise(pixels, instruction, fused.shape[1], self.cfg.selection.seed)
+                selections.append(select(fused, cls_attention, text, instruction_mask, self.cfg.selection, noise))
         if self.cfg.visual_positions == "grid" or (self.cfg.visual_positions == "grid_scored"
                                                    and self.cfg.projector != "meteor"):  # the kept tokens' cells
-            position = self.fusion.grid_position(selected.indices).astype(selected.tokens.dtype)
-            selected = selected._replace(tokens=selected.tokens + position)
-        return selected
+            selections = [s._replace(tokens=s.tokens + self.fusion.grid_position(s.indices).astype(s.tokens.dtype))
+                          for s in selections]
+        return selections
 
     def embed_inputs(self, batch: Mapping[str, jax.Array], selected: Selection | None = None) -> jax.Array:
         embeddings = shard_batch(self.llm.embed_tokens(batch["tokens"]), mesh_of(self.llm.embed.embedding[...]))
@@ -165,14 +173,15 @@ class Meteor(nnx.Module):
         if not (sample or distill):  # nothing drawn (keep = N draws nothing) and nothing distilled
             nll, count = self.nll(batch)
             return jnp.sum(nll), count
-        selected = self.visual_tokens(batch["pixels"], batch["instruction"], batch["instruction_mask"], sample=sample)
+        greedy = sample and cfg.selection.baseline == "greedy"
+        selected, *top_k = self._selections(batch["pixels"], batch["instruction"], batch["instruction_mask"],
+                                            (sample, False) if greedy else (sample,))
         nll, count = self.nll(batch, selected)
         extra = jnp.float32(0.0)
         if sample:
             per_sample = jax.lax.stop_gradient(jnp.sum(nll, axis=1))
-            if cfg.selection.baseline == "greedy":
-                greedy = self.nll(batch)[0]  # the top K, as evaluation keeps them
-                baseline = jax.lax.stop_gradient(jnp.sum(greedy, axis=1))
+            if greedy:  # the same sample's NLL with the top K, as evaluation keeps them
+                baseline = jax.lax.stop_gradient(jnp.sum(self.nll(batch, top_k[0])[0], axis=1))
             else:
                 baseline = jnp.mean(per_sample)
             extra += jnp.sum((per_sample - baseline) * selected.log_prob)
