@@ -66,6 +66,12 @@ def _thp_mode() -> str | None:
     return text[start + 1:end] if 0 <= start < end else None
 
 
+def _with_tunables(env: Mapping[str, str], added: str) -> dict:
+    """`env` with `added` appended to GLIBC_TUNABLES (colon-separated), keeping what the user set there."""
+    tunables = env.get("GLIBC_TUNABLES", "")
+    return {**env, "GLIBC_TUNABLES": f"{tunables}:{added}" if tunables else added}
+
+
 def huge_pages_environment(env: Mapping[str, str], libc: tuple[str, str], thp_mode: str | None) -> dict | None:
     """The environment to restart with so that glibc's malloc uses huge pages, or None when there is nothing to
     do: already set (or set otherwise by the user), opted out, not glibc >= 2.35, or THP off or unknown."""
@@ -79,7 +85,7 @@ def huge_pages_environment(env: Mapping[str, str], libc: tuple[str, str], thp_mo
         new_enough = False
     if not new_enough or thp_mode not in ("always", "madvise"):
         return None
-    return {**env, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE}
+    return _with_tunables(env, HUGE_PAGES_TUNABLE)
 
 
 def retained_memory_environment(env: Mapping[str, str], libc: tuple[str, str]) -> dict | None:
@@ -89,8 +95,7 @@ def retained_memory_environment(env: Mapping[str, str], libc: tuple[str, str]) -
     names = [t.split("=")[0] for t in RETAINED_MEMORY_TUNABLES]
     if env.get(RETAINED_MEMORY_OPT_OUT, "1") == "0" or any(name in tunables for name in names) or libc[0] != "glibc":
         return None
-    added = ":".join(RETAINED_MEMORY_TUNABLES)
-    return {**env, "GLIBC_TUNABLES": f"{tunables}:{added}" if tunables else added}
+    return _with_tunables(env, ":".join(RETAINED_MEMORY_TUNABLES))
 
 
 def _restart(env: dict | None, why: str, opt_out: str) -> None:
